@@ -1,0 +1,17 @@
+//! The model core shared by `ref-server` and `policy-trainer`: everything both sides
+//! compute exists once, here — checkpoint loading (Hugging Face directories and GGUF files),
+//! the Llama forward pass (frozen or trainable), tokenization and the prompt template,
+//! response log-probabilities, checkpoint saving and the model fingerprint.
+
+pub mod device;
+pub mod error;
+pub mod fingerprint;
+pub mod gguf;
+pub mod logprob;
+pub mod model;
+pub mod template;
+#[doc(hidden)]
+pub mod testing;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

