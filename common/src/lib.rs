@@ -3,6 +3,7 @@
 //! the Llama forward pass (frozen or trainable), tokenization and the prompt template,
 //! response log-probabilities, checkpoint saving and the model fingerprint.
 
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod fingerprint;

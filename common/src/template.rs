@@ -61,8 +61,9 @@ mod tests {
              completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:\n"
         );
         // The course's training template, with the response slot cut off, is the same text.
-        let t = std::fs::read_to_string("../../shared/data/cs336-prompts/alpaca_sft.prompt")
-            .expect("the course's alpaca_sft.prompt in ../shared/data");
+        let path = crate::testing::shared_data().join("cs336-prompts/alpaca_sft.prompt");
+        let t = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("the course's template at {}: {e}", path.display()));
         assert_eq!(t.split("{response}").next().unwrap(), ALPACA_TEMPLATE);
         assert_eq!(Template::Raw.format_prompt("x{instruction}"), "x{instruction}");
         assert_eq!("raw".parse::<Template>().unwrap(), Template::Raw);

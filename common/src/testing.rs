@@ -160,7 +160,10 @@ pub fn smollm2_gguf() -> PathBuf {
     path
 }
 
-/// `../shared/data` next to the workspace (tests may read it; the product never does).
+/// `../shared/data` next to the workspace, or `$DPO_SHARED_DATA` (tests may read it; the
+/// product never does).
 pub fn shared_data() -> PathBuf {
-    workspace_root().join("../shared/data")
+    std::env::var_os("DPO_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/data"))
 }

@@ -1,0 +1,90 @@
+//! Model-core throughput on real data, the counterpart of `shared/bench/torch_baseline.py`
+//! (same examples: the first N single-turn HH pairs of at most 512 tokens per side, Alpaca
+//! template, f32). Prints one JSON line per measurement; `tests/bench/model.sh` runs it next
+//! to the PyTorch baseline and prints the ratios.
+//!
+//!     cargo run --release -p dpo-common --example bench_model -- MODEL HH_JSONL_GZ [N]
+
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use dpo_common::data::hh::read_single_turn;
+use dpo_common::logprob::{response_logprobs, Sequence};
+use dpo_common::model::{load_model, Mode};
+use dpo_common::template::Template;
+use serde_json::json;
+
+type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn main() -> BoxResult<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [model_path, data, rest @ ..] = args.as_slice() else {
+        return Err("usage: bench_model MODEL HH_JSONL_GZ [N]".into());
+    };
+    let n: usize = rest.first().map_or(Ok(16), |s| s.parse())?;
+    let reference = load_model(model_path.as_ref(), Mode::Frozen, DType::F32, &Device::Cpu)?;
+    let tok = &reference.tokenizer;
+
+    let (pairs, _) = read_single_turn(data.as_ref())?;
+    let mut examples: Vec<[Sequence; 2]> = Vec::new();
+    for p in pairs {
+        let prompt = Template::Alpaca.format_prompt(&p.instruction);
+        let c = tok.encode_prompt_response(&prompt, &p.chosen)?;
+        let r = tok.encode_prompt_response(&prompt, &p.rejected)?;
+        if c.ids.len() <= 512 && r.ids.len() <= 512 {
+            examples
+                .push([c, r].map(|e| Sequence { ids: e.ids, response_start: e.response_start }));
+        }
+        if examples.len() == n {
+            break;
+        }
+    }
+    let tokens: usize = examples.iter().flatten().map(|s| s.ids.len()).sum();
+    let report = |measure: &str, secs: f64| {
+        println!(
+            "{}",
+            json!({"measure": measure, "examples": examples.len(), "tokens": tokens,
+                   "seconds": (secs * 1000.0).round() / 1000.0,
+                   "tokens_per_s": (tokens as f64 / secs * 10.0).round() / 10.0,
+                   "examples_per_s": (examples.len() as f64 / secs * 1000.0).round() / 1000.0})
+        )
+    };
+
+    // Warm-up: first-touch allocation and thread-pool start are not what we measure.
+    response_logprobs(&reference.model, &examples[0])?;
+
+    let t = Instant::now();
+    for ex in &examples {
+        for s in ex {
+            response_logprobs(&reference.model, std::slice::from_ref(s))?;
+        }
+    }
+    report("score_forward_bs1", t.elapsed().as_secs_f64());
+
+    let t = Instant::now();
+    for ex in &examples {
+        response_logprobs(&reference.model, ex)?;
+    }
+    report("score_forward_pair_batch", t.elapsed().as_secs_f64());
+
+    let policy = load_model(model_path.as_ref(), Mode::Trainable, DType::F32, &Device::Cpu)?;
+    let t = Instant::now();
+    for ex in &examples {
+        for s in ex {
+            let lp = response_logprobs(&policy.model, std::slice::from_ref(s))?;
+            lp.sums.sum_all()?.backward()?;
+        }
+    }
+    report("policy_forward_backward_bs1", t.elapsed().as_secs_f64());
+
+    // The single-process DPO pass of torch_baseline.py: reference forward + policy
+    // forward/backward per example (the loss's own arithmetic is negligible).
+    let t = Instant::now();
+    for ex in &examples {
+        let _ref = response_logprobs(&reference.model, ex)?.sums_vec()?;
+        let lp = response_logprobs(&policy.model, ex)?;
+        lp.sums.sum_all()?.backward()?;
+    }
+    report("dpo_pass_pair_batch", t.elapsed().as_secs_f64());
+    Ok(())
+}
