@@ -15,16 +15,9 @@ fn fast_path(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("custom op expects a contiguous tensor"),
-    }
-}
-
-fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [u32]> {
-    let data = s.as_slice::<u32>()?;
+/// The contiguous data of a CPU tensor argument.
+fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [T]> {
+    let data = s.as_slice::<T>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("custom op expects a contiguous tensor"),
@@ -50,8 +43,8 @@ impl CustomOp2 for RmsNorm {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let x = f32_slice(xs, xl)?;
-        let w = f32_slice(ws, wl)?;
+        let x = slice::<f32>(xs, xl)?;
+        let w = slice::<f32>(ws, wl)?;
         let h = w.len();
         let mut out = vec![0f32; x.len()];
         for (xr, yr) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
@@ -108,7 +101,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l)?;
+        let x = slice::<f32>(s, l)?;
         let n = l.dims()[l.dims().len() - 1];
         let mut out = vec![0f32; x.len()];
         for (xr, yr) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
@@ -158,9 +151,9 @@ impl CustomOp3 for Rope {
         ss: &CpuStorage,
         sl: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let x = f32_slice(xs, xl)?;
-        let cos = f32_slice(cs, cl)?;
-        let sin = f32_slice(ss, sl)?;
+        let x = slice::<f32>(xs, xl)?;
+        let cos = slice::<f32>(cs, cl)?;
+        let sin = slice::<f32>(ss, sl)?;
         let (_b, t, h, d) = xl.shape().dims4()?;
         let half = d / 2;
         let mut out = vec![0f32; x.len()];
@@ -236,8 +229,8 @@ impl CustomOp2 for TargetLogProb {
         ts: &CpuStorage,
         tl: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let logits = f32_slice(ls, ll)?;
-        let targets = u32_slice(ts, tl)?;
+        let logits = slice::<f32>(ls, ll)?;
+        let targets = slice::<u32>(ts, tl)?;
         let (n, v) = ll.shape().dims2()?;
         let mut out = Vec::with_capacity(n);
         for (r, &t) in logits.chunks_exact(v).zip(targets) {
@@ -277,9 +270,9 @@ impl CustomOp3 for TargetLogProbGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let logits = f32_slice(ls, ll)?;
-        let targets = u32_slice(ts, tl)?;
-        let g = f32_slice(gs, gl)?;
+        let logits = slice::<f32>(ls, ll)?;
+        let targets = slice::<u32>(ts, tl)?;
+        let g = slice::<f32>(gs, gl)?;
         let (_n, v) = ll.shape().dims2()?;
         let mut out = vec![0f32; logits.len()];
         for ((r, o), (&t, &gi)) in
