@@ -93,7 +93,7 @@ fn write_weights(model: &Llama, dir: &Path, dtype: DType, max_shard_bytes: usize
         let path = dir.join("model.safetensors");
         safetensors::serialize_to_file(shards.remove(0), metadata, &path)
             .map_err(|e| Error::file(&path, e))?;
-        return fsync_file(&path);
+        return fsync(&path);
     }
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
@@ -107,7 +107,7 @@ fn write_weights(model: &Llama, dir: &Path, dtype: DType, max_shard_bytes: usize
         let path = dir.join(&file);
         safetensors::serialize_to_file(shard, metadata.clone(), &path)
             .map_err(|e| Error::file(&path, e))?;
-        fsync_file(&path)?;
+        fsync(&path)?;
     }
     let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
     write_file(&dir.join("model.safetensors.index.json"), &to_pretty_json(&index)?)
@@ -120,11 +120,8 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| Error::file(path, e))
 }
 
-fn fsync_file(path: &Path) -> Result<()> {
-    File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::file(path, e))
-}
-
-fn fsync_dir(path: &Path) -> Result<()> {
+/// Flushes a file or a directory (its entries) to disk.
+fn fsync(path: &Path) -> Result<()> {
     File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::file(path, e))
 }
 
@@ -155,7 +152,7 @@ pub fn atomic_dir_write(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    fsync_dir(&tmp)?;
+    fsync(&tmp)?;
     if dir.exists() {
         exchange(&tmp, dir)?;
         // `tmp` now holds the previous version.
@@ -163,7 +160,7 @@ pub fn atomic_dir_write(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
     } else {
         fs::rename(&tmp, dir).map_err(|e| Error::file(dir, e))?;
     }
-    fsync_dir(&parent)
+    fsync(&parent)
 }
 
 /// Atomically swaps two directories (Linux `renameat2(RENAME_EXCHANGE)`).
