@@ -32,8 +32,7 @@ fn main() -> BoxResult<()> {
         let c = tok.encode_prompt_response(&prompt, &p.chosen)?;
         let r = tok.encode_prompt_response(&prompt, &p.rejected)?;
         if c.ids.len() <= 512 && r.ids.len() <= 512 {
-            examples
-                .push([c, r].map(|e| Sequence { ids: e.ids, response_start: e.response_start }));
+            examples.push([c.into(), r.into()]);
         }
         if examples.len() == n {
             break;

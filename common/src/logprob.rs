@@ -19,6 +19,13 @@ pub struct Sequence {
     pub response_start: usize,
 }
 
+/// A tokenized (prompt, response) pair is exactly what gets scored.
+impl From<crate::tokenizer::Encoded> for Sequence {
+    fn from(e: crate::tokenizer::Encoded) -> Self {
+        Sequence { ids: e.ids, response_start: e.response_start }
+    }
+}
+
 impl Sequence {
     pub fn response_len(&self) -> usize {
         self.ids.len().saturating_sub(self.response_start)

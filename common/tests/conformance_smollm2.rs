@@ -37,7 +37,7 @@ fn check(loaded: &LoadedModel, fx: &Value) -> f64 {
             let (p, r) = (ids(&item["prompt_ids"]), ids(&item["response_ids"]));
             assert_eq!(enc.ids[..enc.response_start], p[..], "prompt ids differ");
             assert_eq!(enc.ids[enc.response_start..], r[..], "response ids differ");
-            seqs.push(Sequence { ids: enc.ids, response_start: enc.response_start });
+            seqs.push(Sequence::from(enc));
             expected
                 .push((item["logprob_sum"].as_f64().unwrap(), item["n_tokens"].as_u64().unwrap()));
         }

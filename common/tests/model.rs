@@ -12,10 +12,7 @@ fn seqs() -> Vec<Sequence> {
     let tok = tiny_tokenizer();
     [("What is 2+2?", "4"), ("Name a colour.", "A deep shade of blue, like the sea."), ("Hi", "")]
         .iter()
-        .map(|(p, r)| {
-            let e = tok.encode_prompt_response(p, r).unwrap();
-            Sequence { ids: e.ids, response_start: e.response_start }
-        })
+        .map(|(p, r)| Sequence::from(tok.encode_prompt_response(p, r).unwrap()))
         .collect()
 }
 
