@@ -1,0 +1,9 @@
+//! The `dpo.v1` gRPC API shared by `ref-server` (which serves it) and every client
+//! (`policy-trainer`, `ref-server score --server`). Source of truth: `proto/dpo/v1/*.proto`.
+
+pub mod v1 {
+    tonic::include_proto!("dpo.v1");
+
+    /// Encoded `FileDescriptorSet` of the API, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dpo_descriptor");
+}
