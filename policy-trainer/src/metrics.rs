@@ -1,0 +1,1 @@
+//! The metrics.jsonl log (in progress).

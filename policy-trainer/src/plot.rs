@@ -1,0 +1,1 @@
+//! The accuracy/loss chart (in progress).
