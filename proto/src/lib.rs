@@ -7,3 +7,5 @@ pub mod v1 {
     /// Encoded `FileDescriptorSet` of the API, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dpo_descriptor");
 }
+
+pub mod client;

@@ -1,0 +1,355 @@
+//! A plain-Rust client for the `dpo.v1.Reference` service: connection set-up (plain or TLS,
+//! bearer token), the calls the trainer and the scoring CLI make, and errors that name the
+//! server and say whether retrying can help. The wire types stay in [`crate::v1`]; callers
+//! that only score DPO pairs never touch them ([`RefClient::score_pairs`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Status};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::v1;
+use crate::v1::reference_client::ReferenceClient;
+
+/// What the server reports about its model and limits.
+pub type ModelInfo = v1::ModelInfoResponse;
+
+/// Where the server is and how to talk to it.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// `http://host:port` or `https://host:port`.
+    pub url: String,
+    /// Bearer token, sent as `authorization: Bearer <token>` on every Reference call.
+    pub token: Option<String>,
+    /// PEM CA certificate to trust for `https://` (default: the system's roots).
+    pub ca_cert: Option<PathBuf>,
+    /// Name to verify the server certificate against (default: the URL's host).
+    pub tls_domain: Option<String>,
+    pub connect_timeout: Duration,
+    /// Largest message sent or accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            url: "http://127.0.0.1:50051".into(),
+            token: None,
+            ca_cert: None,
+            tls_domain: None,
+            connect_timeout: Duration::from_secs(10),
+            max_message_bytes: 64 << 20,
+        }
+    }
+}
+
+/// One DPO pair as token ids. The responses include EOS already (it is scored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenPair {
+    pub prompt_ids: Vec<u32>,
+    pub chosen_ids: Vec<u32>,
+    pub rejected_ids: Vec<u32>,
+}
+
+/// The reference log-probs (nats, summed over response tokens) of one pair.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairScore {
+    pub chosen: f64,
+    pub rejected: f64,
+    pub chosen_tokens: u32,
+    pub rejected_tokens: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid reference server URL `{url}`: {message}")]
+    BadUrl { url: String, message: String },
+
+    #[error("cannot read the CA certificate {}: {source}", path.display())]
+    CaCert {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("invalid bearer token: {0}")]
+    BadToken(String),
+
+    #[error("cannot reach reference server at {url}: {message}")]
+    Connect { url: String, message: String },
+
+    #[error("reference server at {url} refused the request: {}: {message}", code_name(*code))]
+    Status { url: String, code: Code, message: String },
+
+    #[error("reference server at {url} sent an unexpected reply: {message}")]
+    Protocol { url: String, message: String },
+}
+
+impl ClientError {
+    /// Whether the same call may succeed later (server down, overloaded or slow), as
+    /// opposed to a request or configuration the server will refuse again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } => true,
+            ClientError::Status { code, .. } => {
+                matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted)
+            }
+            _ => false,
+        }
+    }
+
+    /// The gRPC status code, when the server answered with one.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Status { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    fn from_status(url: &str, s: Status) -> Self {
+        // A failed (re)connection inside the channel surfaces as UNAVAILABLE with a
+        // transport message; keep it a status so the code stays visible.
+        ClientError::Status { url: url.to_string(), code: s.code(), message: s.message().into() }
+    }
+}
+
+/// Adds the bearer token to every request.
+#[derive(Clone)]
+struct BearerAuth {
+    header: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(h) = &self.header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Inner = ReferenceClient<InterceptedService<Channel, BearerAuth>>;
+
+/// A connection to one reference server. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct RefClient {
+    url: String,
+    inner: Inner,
+    health: HealthClient<Channel>,
+}
+
+impl RefClient {
+    /// Connects (TLS for `https://`), failing with [`ClientError::Connect`] when the server
+    /// cannot be reached within `connect_timeout`.
+    pub async fn connect(opts: &ClientOptions) -> Result<RefClient, ClientError> {
+        let url = opts.url.trim().to_string();
+        let bad_url = |message: String| ClientError::BadUrl { url: url.clone(), message };
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| bad_url(e.to_string()))?
+            .connect_timeout(opts.connect_timeout)
+            .tcp_nodelay(true);
+        let endpoint = if url.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new();
+            tls = match &opts.ca_cert {
+                Some(path) => {
+                    let pem = std::fs::read(path)
+                        .map_err(|source| ClientError::CaCert { path: path.clone(), source })?;
+                    tls.ca_certificate(Certificate::from_pem(pem))
+                }
+                None => tls.with_native_roots(),
+            };
+            if let Some(d) = &opts.tls_domain {
+                tls = tls.domain_name(d.clone());
+            }
+            endpoint.tls_config(tls).map_err(|e| bad_url(format!("TLS set-up: {e}")))?
+        } else if url.starts_with("http://") {
+            if opts.ca_cert.is_some() {
+                return Err(bad_url(
+                    "a CA certificate was given but the URL is http://; use https:// for TLS"
+                        .into(),
+                ));
+            }
+            endpoint
+        } else {
+            return Err(bad_url("expected http://host:port or https://host:port".into()));
+        };
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| ClientError::Connect { url: url.clone(), message: error_chain(&e) })?;
+        let header = match &opts.token {
+            None => None,
+            Some(t) => Some(
+                format!("Bearer {}", t.trim())
+                    .parse()
+                    .map_err(|_| ClientError::BadToken("not printable ASCII".into()))?,
+            ),
+        };
+        let inner = ReferenceClient::with_interceptor(channel.clone(), BearerAuth { header })
+            .max_decoding_message_size(opts.max_message_bytes)
+            .max_encoding_message_size(opts.max_message_bytes);
+        let health = HealthClient::new(channel);
+        Ok(RefClient { url, inner, health })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub async fn model_info(&self) -> Result<ModelInfo, ClientError> {
+        let mut c = self.inner.clone();
+        c.model_info(v1::ModelInfoRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| ClientError::from_status(&self.url, s))
+    }
+
+    /// Scores any request; the response has one item per request item, checked here.
+    pub async fn score(&self, req: v1::ScoreRequest) -> Result<v1::ScoreResponse, ClientError> {
+        let shape: Vec<usize> = req.items.iter().map(item_responses).collect();
+        let mut c = self.inner.clone();
+        let resp = c
+            .score(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| ClientError::from_status(&self.url, s))?;
+        let got: Vec<usize> = resp.items.iter().map(|i| i.responses.len()).collect();
+        if got != shape {
+            return Err(ClientError::Protocol {
+                url: self.url.clone(),
+                message: format!("responses per item {got:?} do not match the request's {shape:?}"),
+            });
+        }
+        Ok(resp)
+    }
+
+    /// Scores DPO pairs sent as token ids (the prompt travels once per pair).
+    pub async fn score_pairs(&self, pairs: &[TokenPair]) -> Result<Vec<PairScore>, ClientError> {
+        let items = pairs
+            .iter()
+            .map(|p| v1::ScoreItem {
+                input: Some(v1::score_item::Input::Tokens(v1::TokenInput {
+                    prompt_ids: p.prompt_ids.clone(),
+                    responses: vec![
+                        v1::TokenIds { ids: p.chosen_ids.clone() },
+                        v1::TokenIds { ids: p.rejected_ids.clone() },
+                    ],
+                })),
+            })
+            .collect();
+        let resp = self.score(v1::ScoreRequest { items, per_token: false, request_id: 0 }).await?;
+        Ok(resp
+            .items
+            .iter()
+            .map(|i| PairScore {
+                chosen: i.responses[0].logprob,
+                rejected: i.responses[1].logprob,
+                chosen_tokens: i.responses[0].tokens,
+                rejected_tokens: i.responses[1].tokens,
+            })
+            .collect())
+    }
+
+    /// True when the server's standard health check reports SERVING (model loaded).
+    pub async fn health(&self) -> Result<bool, ClientError> {
+        let mut h = self.health.clone();
+        let resp = h
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .map_err(|s| ClientError::from_status(&self.url, s))?;
+        Ok(resp.into_inner().status == ServingStatus::Serving as i32)
+    }
+}
+
+/// The canonical upper-case name of a gRPC code, as grpcurl and the gRPC docs write it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn item_responses(item: &v1::ScoreItem) -> usize {
+    match &item.input {
+        Some(v1::score_item::Input::Text(t)) => t.responses.len(),
+        Some(v1::score_item::Input::Tokens(t)) => t.responses.len(),
+        None => 0,
+    }
+}
+
+/// A transport error's message with its causes ("transport error: connection refused").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        src = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_codes() {
+        let st = |code| ClientError::Status { url: "u".into(), code, message: "m".into() };
+        assert!(st(Code::Unavailable).is_retryable());
+        assert!(st(Code::DeadlineExceeded).is_retryable());
+        assert!(st(Code::ResourceExhausted).is_retryable());
+        assert!(!st(Code::InvalidArgument).is_retryable());
+        assert!(!st(Code::Unauthenticated).is_retryable());
+        assert!(!st(Code::PermissionDenied).is_retryable());
+        let c = ClientError::Connect { url: "http://x:1".into(), message: "refused".into() };
+        assert!(c.is_retryable());
+        assert!(c.to_string().contains("cannot reach reference server at http://x:1"));
+        let s = st(Code::InvalidArgument).to_string();
+        assert!(s.contains("refused the request: INVALID_ARGUMENT: m"), "{s}");
+    }
+
+    #[tokio::test]
+    async fn unreachable_server_is_a_retryable_connect_error() {
+        // Port 1 on loopback: nothing listens there.
+        let opts = ClientOptions {
+            url: "http://127.0.0.1:1".into(),
+            connect_timeout: Duration::from_secs(2),
+            ..ClientOptions::default()
+        };
+        let err = RefClient::connect(&opts).await.err().expect("connect must fail");
+        assert!(err.is_retryable(), "{err}");
+        assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn bad_urls_are_not_retryable() {
+        let opts = ClientOptions { url: "ftp://x".into(), ..ClientOptions::default() };
+        let err = RefClient::connect(&opts).await.err().expect("must fail");
+        assert!(!err.is_retryable());
+    }
+}
