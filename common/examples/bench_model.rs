@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use dpo_common::data::hh::read_single_turn;
+use dpo_common::data::hh::read_hh_file;
 use dpo_common::logprob::{response_logprobs, Sequence};
 use dpo_common::model::{load_model, Mode};
 use dpo_common::template::Template;
@@ -25,10 +25,10 @@ fn main() -> BoxResult<()> {
     let reference = load_model(model_path.as_ref(), Mode::Frozen, DType::F32, &Device::Cpu)?;
     let tok = &reference.tokenizer;
 
-    let (pairs, _) = read_single_turn(data.as_ref())?;
+    let (pairs, _) = read_hh_file(data.as_ref(), "hh")?;
     let mut examples: Vec<[Sequence; 2]> = Vec::new();
     for p in pairs {
-        let prompt = Template::Alpaca.format_prompt(&p.instruction);
+        let prompt = Template::Alpaca.format_prompt(&p.prompt);
         let c = tok.encode_prompt_response(&prompt, &p.chosen)?;
         let r = tok.encode_prompt_response(&prompt, &p.rejected)?;
         if c.ids.len() <= 512 && r.ids.len() <= 512 {
