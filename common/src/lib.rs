@@ -10,6 +10,7 @@ pub mod fingerprint;
 pub mod gguf;
 pub mod logprob;
 pub mod model;
+pub mod sround;
 pub mod template;
 #[doc(hidden)]
 pub mod testing;
