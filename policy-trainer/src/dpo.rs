@@ -62,8 +62,12 @@ pub fn dpo_loss(
 
     // Statistics from detached f64 copies (this is also where non-finite policy values are
     // caught: stepping on a NaN loss would poison the weights silently).
-    let pc = policy_chosen.to_dtype(DType::F64)?.to_vec1::<f64>().context("reading policy log-probs")?;
-    let pr = policy_rejected.to_dtype(DType::F64)?.to_vec1::<f64>().context("reading policy log-probs")?;
+    let pc =
+        policy_chosen.to_dtype(DType::F64)?.to_vec1::<f64>().context("reading policy log-probs")?;
+    let pr = policy_rejected
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()
+        .context("reading policy log-probs")?;
     let mut stats = DpoStats::default();
     for (i, ((&c, &r), refs)) in pc.iter().zip(&pr).zip(refs).enumerate() {
         ensure!(
@@ -381,7 +385,10 @@ mod tests {
         let one = [RefScores { chosen: 0.0, rejected: 0.0 }];
         let err = dpo_loss(c.as_tensor(), r.as_tensor(), &one, 0.1).unwrap_err();
         assert!(err.to_string().contains("expected [1]"), "{err}");
-        let two = [RefScores { chosen: 0.0, rejected: 0.0 }, RefScores { chosen: f64::NAN, rejected: 0.0 }];
+        let two = [
+            RefScores { chosen: 0.0, rejected: 0.0 },
+            RefScores { chosen: f64::NAN, rejected: 0.0 },
+        ];
         let err = dpo_loss(c.as_tensor(), r.as_tensor(), &two, 0.1).unwrap_err();
         assert!(err.to_string().contains("pair 1"), "{err}");
         let (c, r) = vars(&[f32::NEG_INFINITY], &[0.0]);

@@ -1,0 +1,336 @@
+//! RMSprop exactly as `torch.optim.RMSprop` computes it with `momentum=0, centered=False`
+//! (the DPO recipe's optimizer):
+//!
+//! ```text
+//! g  = grad + weight_decay · p
+//! v  = α · v + (1 − α) · g²
+//! p  = p − lr · g / (sqrt(v) + eps)
+//! ```
+//!
+//! The square averages `v` are f32 whatever the parameters' dtype; the update is computed in
+//! f32 and written back in the parameter's dtype. The state serializes to safetensors
+//! (`square_avg.{i}` per parameter, the step count in the metadata) for `--resume`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+use super::GradAccumulator;
+
+/// Hyper-parameters; the defaults are PyTorch's except the learning rate (the recipe's 1e-6).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RmsPropConfig {
+    pub lr: f64,
+    /// Smoothing constant of the squared-gradient average.
+    pub alpha: f64,
+    /// Added to the root mean square for numerical stability.
+    pub eps: f64,
+    /// L2 penalty added to the gradient (not decoupled, as in PyTorch's RMSprop).
+    pub weight_decay: f64,
+}
+
+impl Default for RmsPropConfig {
+    fn default() -> Self {
+        RmsPropConfig { lr: 1e-6, alpha: 0.99, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+impl RmsPropConfig {
+    fn validate(&self) -> Result<()> {
+        ensure!(
+            self.lr.is_finite() && self.lr >= 0.0,
+            "RMSprop: invalid learning rate {}",
+            self.lr
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.alpha),
+            "RMSprop: alpha must be in [0, 1], got {}",
+            self.alpha
+        );
+        ensure!(self.eps.is_finite() && self.eps >= 0.0, "RMSprop: invalid eps {}", self.eps);
+        ensure!(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "RMSprop: invalid weight decay {}",
+            self.weight_decay
+        );
+        Ok(())
+    }
+}
+
+/// Format tag in the saved state's metadata, so a file of another kind is refused clearly.
+const FORMAT: &str = "rmsprop-v1";
+
+pub struct RmsProp {
+    vars: Vec<Var>,
+    /// Per parameter, f32, same shape.
+    square_avg: Vec<Tensor>,
+    steps: u64,
+    cfg: RmsPropConfig,
+}
+
+impl RmsProp {
+    /// An optimizer over `vars` (cloned handles: the same storage the model reads).
+    pub fn new(vars: &[Var], cfg: RmsPropConfig) -> Result<Self> {
+        cfg.validate()?;
+        let square_avg = vars
+            .iter()
+            .map(|v| Tensor::zeros(v.shape(), DType::F32, v.device()))
+            .collect::<candle_core::Result<Vec<_>>>()
+            .context("allocating the RMSprop state")?;
+        Ok(RmsProp { vars: vars.to_vec(), square_avg, steps: 0, cfg })
+    }
+
+    pub fn config(&self) -> &RmsPropConfig {
+        &self.cfg
+    }
+
+    /// Optimizer steps taken (restored by [`load`](Self::load)).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// One update from the accumulated gradients (used as they are: scale them to a mean
+    /// before). The accumulator must have been made for these same parameters.
+    pub fn step(&mut self, grads: &GradAccumulator) -> Result<()> {
+        ensure!(
+            grads.ids().len() == self.vars.len()
+                && grads.ids().iter().zip(&self.vars).all(|(id, v)| *id == v.id()),
+            "RMSprop: the gradient accumulator was made for other parameters ({} tensors, the \
+             optimizer has {})",
+            grads.ids().len(),
+            self.vars.len()
+        );
+        ensure!(grads.count() > 0, "RMSprop: no gradients were accumulated since the last step");
+        let (alpha, cfg) = (self.cfg.alpha, self.cfg);
+        for (i, ((var, v), g)) in
+            self.vars.iter().zip(&mut self.square_avg).zip(grads.grads()).enumerate()
+        {
+            let p = var.as_tensor().detach().to_dtype(DType::F32)?;
+            let g = if cfg.weight_decay != 0.0 {
+                (g + p.affine(cfg.weight_decay, 0.0)?)?
+            } else {
+                g.clone()
+            };
+            *v = (v.affine(alpha, 0.0)? + g.sqr()?.affine(1.0 - alpha, 0.0)?)?;
+            let avg = (v.sqrt()? + cfg.eps)?;
+            let p = (p - (g / avg)?.affine(cfg.lr, 0.0)?)?;
+            var.set(&p.to_dtype(var.dtype())?)
+                .with_context(|| format!("RMSprop: updating parameter {i}"))?;
+        }
+        self.steps += 1;
+        Ok(())
+    }
+
+    /// The state as a safetensors file: `square_avg.{i}` (f32) per parameter and the step
+    /// count in the metadata.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let data = self
+            .square_avg
+            .iter()
+            .map(|t| {
+                let v = t.flatten_all()?.to_vec1::<f32>()?;
+                Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let views = self
+            .square_avg
+            .iter()
+            .zip(&data)
+            .enumerate()
+            .map(|(i, (t, bytes))| {
+                Ok((
+                    format!("square_avg.{i}"),
+                    TensorView::new(Dtype::F32, t.dims().to_vec(), bytes)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let metadata = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("step".to_string(), self.steps.to_string()),
+            ("parameters".to_string(), self.vars.len().to_string()),
+        ]);
+        Ok(safetensors::serialize(views, Some(metadata))?)
+    }
+
+    /// Restores the state saved by [`to_bytes`](Self::to_bytes) from a file.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        self.load_bytes(&bytes).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Restores the state saved by [`to_bytes`](Self::to_bytes). Every tensor's shape must
+    /// match its parameter; on any error the current state is left unchanged.
+    pub fn load_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        let st = SafeTensors::deserialize(bytes).context("not a safetensors optimizer state")?;
+        let (_, header) = SafeTensors::read_metadata(bytes)?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let format = meta.get("format").map(String::as_str).unwrap_or("none");
+        ensure!(format == FORMAT, "optimizer state has format {format:?}, expected {FORMAT:?}");
+        let steps: u64 = meta
+            .get("step")
+            .context("optimizer state has no step count")?
+            .parse()
+            .context("optimizer state has an invalid step count")?;
+        ensure!(
+            st.len() == self.vars.len(),
+            "optimizer state holds {} parameters, the model has {}",
+            st.len(),
+            self.vars.len()
+        );
+        let mut square_avg = Vec::with_capacity(self.vars.len());
+        for (i, var) in self.vars.iter().enumerate() {
+            let name = format!("square_avg.{i}");
+            let view =
+                st.tensor(&name).with_context(|| format!("optimizer state has no {name}"))?;
+            ensure!(
+                view.shape() == var.dims(),
+                "optimizer state for parameter {i} has shape {:?}, the parameter has {:?}",
+                view.shape(),
+                var.dims()
+            );
+            if view.dtype() != Dtype::F32 {
+                bail!("optimizer state for parameter {i} is {:?}, expected F32", view.dtype());
+            }
+            square_avg.push(Tensor::from_raw_buffer(
+                view.data(),
+                DType::F32,
+                view.shape(),
+                var.device(),
+            )?);
+        }
+        self.square_avg = square_avg;
+        self.steps = steps;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn params() -> Vec<Var> {
+        vec![
+            Var::from_vec(vec![0.5f32, -1.0, 2.0, 0.0], (2, 2), &Device::Cpu).unwrap(),
+            Var::from_vec(vec![3.0f32, -0.25], 2, &Device::Cpu).unwrap(),
+        ]
+    }
+
+    /// Accumulates the gradient of Σ c·p² (grad 2c·p) for a step-dependent c.
+    fn grads(vars: &[Var], step: usize) -> GradAccumulator {
+        let mut acc = GradAccumulator::new(vars).unwrap();
+        let c = 1.0 + step as f64 * 0.5;
+        let mut loss = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+        for v in vars {
+            loss = (loss + v.as_tensor().sqr().unwrap().sum_all().unwrap().affine(c, 0.0).unwrap())
+                .unwrap();
+        }
+        acc.add(&loss.backward().unwrap()).unwrap();
+        acc
+    }
+
+    fn values(vars: &[Var]) -> Vec<f32> {
+        vars.iter()
+            .flat_map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn first_step_matches_the_formula() {
+        let vars = params();
+        let cfg = RmsPropConfig { lr: 0.01, ..Default::default() };
+        let mut opt = RmsProp::new(&vars, cfg).unwrap();
+        let before = values(&vars);
+        opt.step(&grads(&vars, 0)).unwrap();
+        for (p0, p1) in before.iter().zip(values(&vars)) {
+            let g = 2.0 * *p0 as f64;
+            let v = 0.01 * g * g;
+            let expected = *p0 as f64 - 0.01 * g / (v.sqrt() + 1e-8);
+            assert!((p1 as f64 - expected).abs() < 1e-6, "{p1} vs {expected}");
+        }
+        assert_eq!(opt.steps(), 1);
+    }
+
+    #[test]
+    fn saved_state_resumes_identically() {
+        let cfg = RmsPropConfig { lr: 0.05, weight_decay: 0.1, ..Default::default() };
+        // Run A: 3 steps, save, 2 more.
+        let a = params();
+        let mut opt_a = RmsProp::new(&a, cfg).unwrap();
+        for s in 0..3 {
+            opt_a.step(&grads(&a, s)).unwrap();
+        }
+        let saved = opt_a.to_bytes().unwrap();
+        let weights: Vec<Tensor> = a.iter().map(|v| v.as_tensor().copy().unwrap()).collect();
+        for s in 3..5 {
+            opt_a.step(&grads(&a, s)).unwrap();
+        }
+        // Run B: fresh optimizer and the saved weights, state loaded from the bytes.
+        let b: Vec<Var> = weights.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let mut opt_b = RmsProp::new(&b, cfg).unwrap();
+        opt_b.load_bytes(&saved).unwrap();
+        assert_eq!(opt_b.steps(), 3);
+        for s in 3..5 {
+            opt_b.step(&grads(&b, s)).unwrap();
+        }
+        assert_eq!(values(&a), values(&b));
+        // Without the state the trajectory differs (the test above is not vacuous).
+        let c: Vec<Var> = weights.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let mut opt_c = RmsProp::new(&c, cfg).unwrap();
+        opt_c.step(&grads(&c, 3)).unwrap();
+        assert_ne!(values(&c), values(&b));
+    }
+
+    #[test]
+    fn load_refuses_mismatched_state() {
+        let vars = params();
+        let opt = RmsProp::new(&vars, RmsPropConfig::default()).unwrap();
+        let saved = opt.to_bytes().unwrap();
+        let other = vec![
+            Var::from_vec(vec![0.0f32; 6], (2, 3), &Device::Cpu).unwrap(),
+            Var::from_vec(vec![0.0f32; 2], 2, &Device::Cpu).unwrap(),
+        ];
+        let mut opt2 = RmsProp::new(&other, RmsPropConfig::default()).unwrap();
+        let err = opt2.load_bytes(&saved).unwrap_err();
+        assert!(err.to_string().contains("parameter 0 has shape [2, 2]"), "{err}");
+        let mut opt3 = RmsProp::new(&vars[..1], RmsPropConfig::default()).unwrap();
+        let err = opt3.load_bytes(&saved).unwrap_err();
+        assert!(err.to_string().contains("holds 2 parameters, the model has 1"), "{err}");
+        assert!(opt3.load_bytes(b"garbage").is_err());
+    }
+
+    #[test]
+    fn bf16_parameters_keep_their_dtype() {
+        let v = Var::from_tensor(
+            &Tensor::new(&[1.0f32, -2.0], &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap(),
+        )
+        .unwrap();
+        let mut opt =
+            RmsProp::new(std::slice::from_ref(&v), RmsPropConfig { lr: 0.1, ..Default::default() })
+                .unwrap();
+        let mut acc = GradAccumulator::new(std::slice::from_ref(&v)).unwrap();
+        let loss = v.as_tensor().to_dtype(DType::F32).unwrap().sum_all().unwrap();
+        acc.add(&loss.backward().unwrap()).unwrap();
+        opt.step(&acc).unwrap();
+        assert_eq!(v.dtype(), DType::BF16);
+        let p = v.as_tensor().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        // g = 1, v = 0.01, update = lr · 1/(0.1 + eps) ≈ 1.0 (up to f32/bf16 rounding).
+        assert!(p[0].abs() < 1e-6 && p[1] == -3.0, "{p:?}");
+    }
+
+    #[test]
+    fn invalid_config_and_empty_accumulator_are_errors() {
+        let vars = params();
+        assert!(RmsProp::new(&vars, RmsPropConfig { lr: -1.0, ..Default::default() }).is_err());
+        assert!(RmsProp::new(&vars, RmsPropConfig { alpha: 1.5, ..Default::default() }).is_err());
+        let mut opt = RmsProp::new(&vars, RmsPropConfig::default()).unwrap();
+        let acc = GradAccumulator::new(&vars).unwrap();
+        assert!(opt.step(&acc).unwrap_err().to_string().contains("no gradients"));
+        let other = GradAccumulator::new(&params()).unwrap();
+        assert!(opt.step(&other).unwrap_err().to_string().contains("other parameters"));
+    }
+}
