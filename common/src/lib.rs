@@ -9,6 +9,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod gguf;
 pub mod logprob;
+pub mod memory;
 pub mod model;
 pub mod sround;
 pub mod template;
