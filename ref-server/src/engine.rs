@@ -1,0 +1,148 @@
+//! The scoring engine: the loaded model's metadata and tokenizer, the limits, and the
+//! [`Batcher`] that owns the model. `score` is validate → batch → answer; the gRPC service
+//! and the local `ref-server score --model` both go through it, so they give the same
+//! numbers by construction.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use dpo_common::device::{device_name, parse_device};
+use dpo_common::model::load::{load_model, parse_dtype, torch_dtype_name};
+use dpo_common::model::Mode;
+use dpo_common::tokenizer::LlamaTokenizer;
+use dpo_proto::v1;
+
+use crate::batcher::{BatchError, Batcher};
+use crate::config::{LimitArgs, Limits};
+use crate::validation::{Invalid, Validator};
+
+/// Why a request could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ScoreError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+}
+
+impl From<ScoreError> for tonic::Status {
+    fn from(e: ScoreError) -> Self {
+        match e {
+            ScoreError::Invalid(i) => tonic::Status::invalid_argument(i.0),
+            ScoreError::Batch(BatchError::ShuttingDown) => {
+                tonic::Status::unavailable(e.to_string())
+            }
+            ScoreError::Batch(BatchError::Forward(_)) => tonic::Status::internal(e.to_string()),
+        }
+    }
+}
+
+pub struct Engine {
+    info: v1::ModelInfoResponse,
+    tokenizer: LlamaTokenizer,
+    vocab_size: usize,
+    limits: Limits,
+    batcher: Batcher,
+}
+
+impl Engine {
+    /// Loads the model (blocking: seconds to minutes) and starts the batcher.
+    pub fn load(model: &Path, device: &str, dtype: &str, limits: &LimitArgs) -> Result<Engine> {
+        let device = parse_device(device)?;
+        let dtype = parse_dtype(dtype)?;
+        let started = std::time::Instant::now();
+        let loaded = load_model(model, Mode::Frozen, dtype, &device)
+            .with_context(|| format!("cannot load the reference model {}", model.display()))?;
+        let cfg = loaded.model.config().clone();
+        let limits = limits
+            .resolve(cfg.max_position_embeddings)
+            .map_err(|e| anyhow::anyhow!("invalid limits: {e}"))?;
+        let num_parameters: usize = loaded.model.params().iter().map(|(_, t)| t.elem_count()).sum();
+        let info = v1::ModelInfoResponse {
+            architecture: "llama".into(),
+            vocab_size: cfg.vocab_size as u32,
+            max_sequence_length: cfg.max_position_embeddings as u32,
+            dtype: torch_dtype_name(loaded.model.dtype()).into(),
+            device: device_name(&device),
+            fingerprint: loaded.fingerprint.clone(),
+            source: loaded.source.display().to_string(),
+            eos_token_id: loaded.tokenizer.eos_id(),
+            bos_token_id: loaded.tokenizer.bos_id(),
+            adds_bos: loaded.tokenizer.adds_bos(),
+            num_parameters: num_parameters as u64,
+            max_tokens_per_item: limits.max_tokens_per_item as u32,
+            max_tokens_per_request: limits.max_tokens_per_request as u32,
+            max_items_per_request: limits.max_items_per_request as u32,
+            max_message_bytes: limits.max_message_bytes as u64,
+            batch_token_budget: limits.batch_token_budget as u32,
+        };
+        tracing::info!(
+            source = %info.source,
+            fingerprint = %info.fingerprint,
+            device = %info.device,
+            dtype = %info.dtype,
+            parameters = num_parameters,
+            "model loaded in {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
+        let batcher =
+            Batcher::spawn(loaded.model, limits.batch_token_budget, limits.max_queued_tokens);
+        Ok(Engine {
+            info,
+            tokenizer: loaded.tokenizer,
+            vocab_size: cfg.vocab_size,
+            limits,
+            batcher,
+        })
+    }
+
+    pub fn model_info(&self) -> &v1::ModelInfoResponse {
+        &self.info
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn tokenizer(&self) -> &LlamaTokenizer {
+        &self.tokenizer
+    }
+
+    /// Validates and scores one request; results in request order.
+    pub async fn score(
+        self: &Arc<Self>,
+        req: v1::ScoreRequest,
+    ) -> Result<v1::ScoreResponse, ScoreError> {
+        // Tokenizing text is CPU work: keep it off the async workers.
+        let this = Arc::clone(self);
+        let prepared = tokio::task::spawn_blocking(move || {
+            Validator {
+                tokenizer: &this.tokenizer,
+                vocab_size: this.vocab_size,
+                limits: &this.limits,
+            }
+            .prepare(&req)
+        })
+        .await
+        .map_err(|e| Invalid(format!("validation failed unexpectedly: {e}")))??;
+        let scores = self.batcher.score(prepared.seqs).await?;
+        let mut scores = scores.into_iter();
+        let items = prepared
+            .responses_per_item
+            .iter()
+            .map(|&n| v1::ItemScore {
+                responses: scores
+                    .by_ref()
+                    .take(n)
+                    .map(|s| v1::ResponseScore {
+                        logprob: s.logprob,
+                        tokens: s.per_token.len() as u32,
+                        token_logprobs: if prepared.per_token { s.per_token } else { vec![] },
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(v1::ScoreResponse { request_id: prepared.request_id, items, error: None })
+    }
+}

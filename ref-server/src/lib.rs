@@ -1,0 +1,18 @@
+//! `ref-server`: the frozen DPO reference model as a gRPC log-prob scoring service.
+//!
+//! One concern per module: [`config`] (every limit, validated once), [`validation`]
+//! (turning a request into checked sequences, each failure naming the item and the limit),
+//! [`batcher`] (the thread that owns the model and groups queued sequences into padded
+//! forward passes), [`engine`] (model loading plus validate → batch → answer, shared by the
+//! gRPC service and the local scoring CLI), [`auth`], [`service`] (the tonic `Reference`
+//! implementation), [`server`] (transport: listen, TLS, health, reflection, shutdown) and
+//! [`score_cli`] (the JSONL scoring command). `main.rs` only parses the command line.
+
+pub mod auth;
+pub mod batcher;
+pub mod config;
+pub mod engine;
+pub mod score_cli;
+pub mod server;
+pub mod service;
+pub mod validation;

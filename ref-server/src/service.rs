@@ -1,0 +1,115 @@
+//! The tonic implementation of `dpo.v1.Reference` over the [`Engine`]. Until the model is
+//! loaded every call is `UNAVAILABLE` (the health check says NOT_SERVING meanwhile).
+
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+
+use dpo_proto::v1;
+use dpo_proto::v1::reference_server::Reference;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::engine::Engine;
+
+/// Requests of one ScoreStream being scored at once; further ones wait to be read, which
+/// pushes back on the client through HTTP/2 flow control.
+const STREAM_IN_FLIGHT: usize = 64;
+
+#[derive(Clone)]
+pub struct ReferenceService {
+    engine: Arc<OnceLock<Arc<Engine>>>,
+}
+
+impl ReferenceService {
+    /// A service that answers once `engine` is set.
+    pub fn new(engine: Arc<OnceLock<Arc<Engine>>>) -> Self {
+        ReferenceService { engine }
+    }
+
+    fn engine(&self) -> Result<Arc<Engine>, Status> {
+        self.engine
+            .get()
+            .cloned()
+            .ok_or_else(|| Status::unavailable("the reference model is still loading"))
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<v1::ScoreResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Reference for ReferenceService {
+    async fn score(
+        &self,
+        request: Request<v1::ScoreRequest>,
+    ) -> Result<Response<v1::ScoreResponse>, Status> {
+        let engine = self.engine()?;
+        let req = request.into_inner();
+        let n = req.items.len();
+        let started = std::time::Instant::now();
+        match engine.score(req).await {
+            Ok(r) => {
+                tracing::debug!(items = n, ms = started.elapsed().as_millis() as u64, "Score");
+                Ok(Response::new(r))
+            }
+            Err(e) => {
+                tracing::info!(items = n, "Score refused: {e}");
+                Err(e.into())
+            }
+        }
+    }
+
+    type ScoreStreamStream = ResponseStream;
+
+    async fn score_stream(
+        &self,
+        request: Request<Streaming<v1::ScoreRequest>>,
+    ) -> Result<Response<Self::ScoreStreamStream>, Status> {
+        let engine = self.engine()?;
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
+        let slots = Arc::new(tokio::sync::Semaphore::new(STREAM_IN_FLIGHT));
+        tokio::spawn(async move {
+            while let Some(next) = incoming.next().await {
+                let req = match next {
+                    Ok(r) => r,
+                    Err(status) => {
+                        // A broken or oversized message ends the stream with its status.
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let Ok(slot) = slots.clone().acquire_owned().await else { return };
+                let (engine, tx) = (engine.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let id = req.request_id;
+                    let resp = match engine.score(req).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let status = Status::from(e);
+                            v1::ScoreResponse {
+                                request_id: id,
+                                items: vec![],
+                                error: Some(v1::Error {
+                                    code: status.code() as i32,
+                                    message: status.message().to_string(),
+                                }),
+                            }
+                        }
+                    };
+                    let _ = tx.send(Ok(resp)).await;
+                    drop(slot);
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn model_info(
+        &self,
+        _request: Request<v1::ModelInfoRequest>,
+    ) -> Result<Response<v1::ModelInfoResponse>, Status> {
+        Ok(Response::new(self.engine()?.model_info().clone()))
+    }
+}

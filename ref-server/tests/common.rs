@@ -1,0 +1,106 @@
+//! Test fixture: a tiny random checkpoint and the real `ref-server` binary on an ephemeral
+//! loopback port (the address read back from its `listening on` line; readiness by polling
+//! the health check, never by sleeping a fixed time).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use dpo_common::logprob::{response_logprobs, Sequence};
+use dpo_common::model::load::{load_model, LoadedModel};
+use dpo_common::model::Mode;
+use dpo_common::testing::{write_tiny_checkpoint, TinySpec};
+use dpo_proto::client::{ClientOptions, RefClient};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ref-server");
+
+pub fn tiny_model(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny");
+    write_tiny_checkpoint(&path, &TinySpec::default(), DType::F32, None).expect("tiny checkpoint");
+    path
+}
+
+pub fn load_local(model: &Path) -> LoadedModel {
+    load_model(model, Mode::Frozen, DType::F32, &Device::Cpu).expect("local model")
+}
+
+/// Summed log-probs computed in-process, one sequence at a time.
+pub fn local_scores(m: &LoadedModel, seqs: &[Sequence]) -> Vec<f64> {
+    seqs.iter()
+        .map(|s| {
+            response_logprobs(&m.model, std::slice::from_ref(s)).unwrap().sums_vec().unwrap()[0]
+        })
+        .collect()
+}
+
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    pub url: String,
+}
+
+impl Server {
+    pub fn start(model: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--model"]).arg(model).args(["--listen", "127.0.0.1:0"]).args(extra);
+        cmd.env_remove("DPO_AUTH_TOKEN");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child =
+            cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start ref-server");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        let url = format!("http://{addr}");
+        Server { child, addr, url }
+    }
+
+    pub fn options(&self) -> ClientOptions {
+        ClientOptions { url: self.url.clone(), ..ClientOptions::default() }
+    }
+
+    /// Connects and waits (polling health) until the model is loaded.
+    pub async fn ready_client(&self, opts: &ClientOptions) -> RefClient {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(c) = RefClient::connect(opts).await {
+                if c.health().await.unwrap_or(false) {
+                    return c;
+                }
+            }
+            assert!(Instant::now() < deadline, "server at {} never became SERVING", self.url);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,300 @@
+//! The real binary against a tiny random model: scores, pairs, concurrency, limits, auth,
+//! health, ModelInfo and graceful shutdown.
+
+mod common;
+
+use common::*;
+use dpo_common::logprob::Sequence;
+use dpo_common::template::Template;
+use dpo_proto::client::{ClientOptions, TokenPair};
+use dpo_proto::v1;
+use tonic::Code;
+
+fn token_item(prompt: &[u32], responses: &[&[u32]]) -> v1::ScoreItem {
+    v1::ScoreItem {
+        input: Some(v1::score_item::Input::Tokens(v1::TokenInput {
+            prompt_ids: prompt.to_vec(),
+            responses: responses.iter().map(|r| v1::TokenIds { ids: r.to_vec() }).collect(),
+        })),
+    }
+}
+
+fn req(items: Vec<v1::ScoreItem>) -> v1::ScoreRequest {
+    v1::ScoreRequest { items, per_token: false, request_id: 0 }
+}
+
+/// Deterministic varied sequences: prompt and response lengths differ per index.
+fn seq(i: usize) -> Sequence {
+    let p = 2 + i % 7;
+    let r = 1 + (i * 5) % 11;
+    let ids = (0..p + r).map(|k| ((i * 31 + k * 17) % 258) as u32).collect();
+    Sequence { ids, response_start: p }
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-4 * (1.0 + b.abs())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scores_match_in_process_and_limits_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let local = load_local(&model);
+    let server = Server::start(
+        &model,
+        &[
+            "--max-tokens-per-item",
+            "40",
+            "--max-tokens-per-request",
+            "100",
+            "--max-items-per-request",
+            "5",
+            "--max-message-bytes",
+            "4096",
+            "--batch-token-budget",
+            "64",
+        ],
+        &[],
+    );
+    let client = server.ready_client(&server.options()).await;
+
+    // ModelInfo.
+    let info = client.model_info().await.unwrap();
+    assert_eq!(info.fingerprint, local.fingerprint);
+    assert_eq!(info.vocab_size, 258);
+    assert_eq!(info.architecture, "llama");
+    assert_eq!(info.max_sequence_length, 512);
+    assert_eq!(info.eos_token_id, 257);
+    assert_eq!(info.bos_token_id, Some(256));
+    assert_eq!(info.device, "cpu");
+    assert_eq!(info.dtype, "float32");
+    assert_eq!(info.max_tokens_per_item, 40);
+    assert_eq!(info.max_tokens_per_request, 100);
+    assert_eq!(info.max_items_per_request, 5);
+    assert_eq!(info.max_message_bytes, 4096);
+    assert_eq!(info.batch_token_budget, 64);
+    assert!(info.num_parameters > 0);
+
+    // Token items equal in-process response_logprobs, per-token values too.
+    let seqs: Vec<Sequence> = (0..5).map(seq).collect();
+    let expected = local_scores(&local, &seqs);
+    let items = seqs
+        .iter()
+        .map(|s| token_item(&s.ids[..s.response_start], &[&s.ids[s.response_start..]]))
+        .collect();
+    let resp =
+        client.score(v1::ScoreRequest { items, per_token: true, request_id: 42 }).await.unwrap();
+    assert_eq!(resp.request_id, 42);
+    for (i, (item, want)) in resp.items.iter().zip(&expected).enumerate() {
+        let r = &item.responses[0];
+        assert!(close(r.logprob, *want), "item {i}: {} vs {want}", r.logprob);
+        assert_eq!(r.tokens as usize, seqs[i].response_len());
+        assert_eq!(r.token_logprobs.len(), seqs[i].response_len());
+        let sum: f64 = r.token_logprobs.iter().map(|&x| x as f64).sum();
+        assert!(close(sum, r.logprob));
+    }
+
+    // Pair form == two single items.
+    let pair = TokenPair {
+        prompt_ids: vec![5, 6, 7],
+        chosen_ids: vec![8, 9, 257],
+        rejected_ids: vec![10, 257],
+    };
+    let ps = client.score_pairs(std::slice::from_ref(&pair)).await.unwrap();
+    let singles = client
+        .score(req(vec![
+            token_item(&pair.prompt_ids, &[&pair.chosen_ids]),
+            token_item(&pair.prompt_ids, &[&pair.rejected_ids]),
+        ]))
+        .await
+        .unwrap();
+    assert!(close(ps[0].chosen, singles.items[0].responses[0].logprob));
+    assert!(close(ps[0].rejected, singles.items[1].responses[0].logprob));
+    assert_eq!((ps[0].chosen_tokens, ps[0].rejected_tokens), (3, 2));
+
+    // Text items: tokenized as the trainer does (Alpaca by default), empty response = EOS.
+    let text = v1::ScoreItem {
+        input: Some(v1::score_item::Input::Text(v1::TextInput {
+            prompt: "Say hi".into(),
+            responses: vec!["hi!".into(), String::new()],
+            template: v1::Template::Unspecified as i32,
+        })),
+    };
+    let resp = client.score(req(vec![text])).await.unwrap();
+    let prompt = Template::Alpaca.format_prompt("Say hi");
+    let encoded: Vec<Sequence> = ["hi!", ""]
+        .iter()
+        .map(|r| local.tokenizer.encode_prompt_response(&prompt, r).unwrap().into())
+        .collect();
+    let want = local_scores(&local, &encoded);
+    for (j, r) in resp.items[0].responses.iter().enumerate() {
+        assert!(close(r.logprob, want[j]), "text response {j}");
+        assert_eq!(r.tokens as usize, encoded[j].response_len());
+    }
+    assert_eq!(resp.items[0].responses[1].tokens, 1, "an empty response scores EOS alone");
+
+    // Every limit: INVALID_ARGUMENT naming the item and the limit; the server keeps serving.
+    let cases: Vec<(v1::ScoreRequest, &str)> = vec![
+        (req(vec![]), "no items"),
+        (req(vec![token_item(&[1], &[&[2]]); 6]), "max_items_per_request"),
+        (
+            req(vec![token_item(&[1], &[&[2]]), token_item(&[1], &[&[2, 300]])]),
+            "item 1 response 0: token id 300",
+        ),
+        (req(vec![token_item(&[1], &[&[]])]), "item 0 response 0: no tokens"),
+        (req(vec![token_item(&[1], &[])]), "item 0: no responses"),
+        (req(vec![token_item(&[], &[&[1]])]), "item 0: the prompt has no tokens"),
+        (req(vec![token_item(&[1; 30], &[&[2; 11]])]), "max_tokens_per_item"),
+        (req(vec![token_item(&[1; 30], &[&[2; 5], &[2; 5], &[2; 5]])]), "max_tokens_per_request"),
+        (req(vec![v1::ScoreItem { input: None }]), "item 0: no input"),
+    ];
+    for (r, needle) in cases {
+        let err = client.score(r).await.expect_err(needle);
+        assert_eq!(err.code(), Some(Code::InvalidArgument), "{needle}: {err}");
+        assert!(err.to_string().contains(needle), "{needle}: {err}");
+        assert!(err.to_string().contains("INVALID_ARGUMENT"), "{err}");
+        assert!(!err.is_retryable());
+    }
+    // Oversized message: refused by the transport's decoding limit.
+    let r: Vec<u32> = vec![2; 9];
+    let rs: Vec<&[u32]> = vec![&r; 40];
+    let big = token_item(&[1; 30], &rs);
+    let err = client.score(req(vec![big; 5])).await.expect_err("too big");
+    assert!(err.to_string().contains("4096"), "{err}");
+    assert!(!err.is_retryable());
+    // Still serving, with the same numbers.
+    let again = client
+        .score(req(vec![token_item(
+            &seqs[0].ids[..seqs[0].response_start],
+            &[&seqs[0].ids[seqs[0].response_start..]],
+        )]))
+        .await
+        .unwrap();
+    assert!(close(again.items[0].responses[0].logprob, expected[0]));
+    assert!(client.health().await.unwrap());
+
+    // ScoreStream: answers carry their request_id; a bad request gets `error`, the stream
+    // stays open.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut raw = v1::reference_client::ReferenceClient::connect(server.url.clone()).await.unwrap();
+    let mut out = raw
+        .score_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for id in 0..4u64 {
+        let s = seq(id as usize);
+        let mut r =
+            req(vec![token_item(&s.ids[..s.response_start], &[&s.ids[s.response_start..]])]);
+        if id == 2 {
+            r = req(vec![]);
+        }
+        r.request_id = id;
+        tx.send(r).await.unwrap();
+    }
+    drop(tx);
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(msg) = out.message().await.unwrap() {
+        let id = msg.request_id;
+        seen.insert(id);
+        if id == 2 {
+            let e = msg.error.expect("error for the empty request");
+            assert_eq!(e.code, Code::InvalidArgument as i32);
+            assert!(e.message.contains("no items"));
+        } else {
+            assert!(msg.error.is_none());
+            assert!(close(msg.items[0].responses[0].logprob, expected[id as usize]));
+        }
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_clients_get_their_own_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let local = load_local(&model);
+    let server = Server::start(&model, &["--batch-token-budget", "256"], &[]);
+    let client = server.ready_client(&server.options()).await;
+    let all: Vec<Sequence> = (0..64).map(seq).collect();
+    let expected = local_scores(&local, &all);
+    let mut tasks = Vec::new();
+    for c in 0..8 {
+        let client = client.clone();
+        let mine: Vec<(usize, Sequence)> =
+            (0..64).filter(|i| i % 8 == c).map(|i| (i, all[i].clone())).collect();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            // Several small requests per client, so they interleave in the batcher.
+            for chunk in mine.chunks(3) {
+                let items = chunk
+                    .iter()
+                    .map(|(_, s)| {
+                        token_item(&s.ids[..s.response_start], &[&s.ids[s.response_start..]])
+                    })
+                    .collect();
+                let resp = client.score(req(items)).await.unwrap();
+                for ((i, _), item) in chunk.iter().zip(resp.items) {
+                    got.push((*i, item.responses[0].logprob));
+                }
+            }
+            got
+        }));
+    }
+    let mut n = 0;
+    for t in tasks {
+        for (i, lp) in t.await.unwrap() {
+            assert!(close(lp, expected[i]), "sequence {i}: {lp} vs {}", expected[i]);
+            n += 1;
+        }
+    }
+    assert_eq!(n, 64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_health_and_graceful_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let mut server =
+        Server::start(&model, &["--auth-token-file", token_file.to_str().unwrap()], &[]);
+    // Health is open without a token.
+    let anonymous = server.ready_client(&server.options()).await;
+    let err = anonymous.model_info().await.expect_err("no token");
+    assert_eq!(err.code(), Some(Code::Unauthenticated), "{err}");
+    assert!(!err.is_retryable());
+    let wrong = ClientOptions { token: Some("s3cret-tokeN".into()), ..server.options() };
+    let wrong = server.ready_client(&wrong).await;
+    let err = wrong
+        .score_pairs(&[TokenPair {
+            prompt_ids: vec![1],
+            chosen_ids: vec![2],
+            rejected_ids: vec![3],
+        }])
+        .await;
+    assert_eq!(err.unwrap_err().code(), Some(Code::Unauthenticated));
+    let right = ClientOptions { token: Some("s3cret-token".into()), ..server.options() };
+    let right = server.ready_client(&right).await;
+    assert!(right.model_info().await.is_ok());
+
+    // The CLI's health and info commands.
+    let health =
+        std::process::Command::new(BIN).args(["health", "--server", &server.url]).output().unwrap();
+    assert!(health.status.success());
+    let info = std::process::Command::new(BIN)
+        .args(["info", "--server", &server.url, "--auth-token-file", token_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["vocab_size"], 258);
+
+    let status = server.terminate();
+    assert!(status.success(), "SIGTERM exit: {status:?}");
+    let down = std::process::Command::new(BIN)
+        .args(["health", "--server", &server.url, "--connect-timeout", "2"])
+        .output()
+        .unwrap();
+    assert!(!down.status.success());
+}
