@@ -171,7 +171,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Score(a) => {
             let scorer = match (&a.server, &a.model) {
-                (Some(url), _) => Scorer::Remote(
+                (Some(url), _) => Scorer::Remote(Box::new(
                     ConnectArgs {
                         server: url.clone(),
                         tls_ca: a.tls_ca.clone(),
@@ -181,7 +181,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     }
                     .connect()
                     .await?,
-                ),
+                )),
                 (None, Some(model)) => {
                     let (model, device, dtype) = (model.clone(), a.device.clone(), a.dtype.clone());
                     let engine = tokio::task::spawn_blocking(move || {

@@ -17,7 +17,7 @@ use crate::engine::Engine;
 
 /// Where scores come from.
 pub enum Scorer {
-    Remote(RefClient),
+    Remote(Box<RefClient>),
     Local(Arc<Engine>),
 }
 

@@ -127,11 +127,8 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     let shutdown = async {
         tokio::select! {
             _ = shutdown_requested => tracing::info!("shutting down: finishing in-flight requests"),
-            e = load_failed_rx => {
-                if let Ok(e) = e {
-                    load_error = Some(e);
-                }
-            }
+            // A dropped sender means the model loaded: that branch is then disabled.
+            Ok(e) = load_failed_rx => load_error = Some(e),
         }
     };
     router.serve_with_incoming_shutdown(incoming, shutdown).await.context("serving")?;

@@ -48,6 +48,9 @@ impl Server {
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--model"]).arg(model).args(["--listen", "127.0.0.1:0"]).args(extra);
         cmd.env_remove("DPO_AUTH_TOKEN");
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
         for (k, v) in envs {
             cmd.env(k, v);
         }

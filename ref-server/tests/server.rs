@@ -44,15 +44,15 @@ async fn scores_match_in_process_and_limits_hold() {
         &model,
         &[
             "--max-tokens-per-item",
-            "40",
+            "200",
             "--max-tokens-per-request",
-            "100",
+            "450",
             "--max-items-per-request",
             "5",
             "--max-message-bytes",
-            "4096",
+            "8192",
             "--batch-token-budget",
-            "64",
+            "400",
         ],
         &[],
     );
@@ -68,11 +68,11 @@ async fn scores_match_in_process_and_limits_hold() {
     assert_eq!(info.bos_token_id, Some(256));
     assert_eq!(info.device, "cpu");
     assert_eq!(info.dtype, "float32");
-    assert_eq!(info.max_tokens_per_item, 40);
-    assert_eq!(info.max_tokens_per_request, 100);
+    assert_eq!(info.max_tokens_per_item, 200);
+    assert_eq!(info.max_tokens_per_request, 450);
     assert_eq!(info.max_items_per_request, 5);
-    assert_eq!(info.max_message_bytes, 4096);
-    assert_eq!(info.batch_token_budget, 64);
+    assert_eq!(info.max_message_bytes, 8192);
+    assert_eq!(info.batch_token_budget, 400);
     assert!(info.num_parameters > 0);
 
     // Token items equal in-process response_logprobs, per-token values too.
@@ -134,6 +134,7 @@ async fn scores_match_in_process_and_limits_hold() {
     assert_eq!(resp.items[0].responses[1].tokens, 1, "an empty response scores EOS alone");
 
     // Every limit: INVALID_ARGUMENT naming the item and the limit; the server keeps serving.
+    let ten: &[u32] = &[2; 10];
     let cases: Vec<(v1::ScoreRequest, &str)> = vec![
         (req(vec![]), "no items"),
         (req(vec![token_item(&[1], &[&[2]]); 6]), "max_items_per_request"),
@@ -144,8 +145,11 @@ async fn scores_match_in_process_and_limits_hold() {
         (req(vec![token_item(&[1], &[&[]])]), "item 0 response 0: no tokens"),
         (req(vec![token_item(&[1], &[])]), "item 0: no responses"),
         (req(vec![token_item(&[], &[&[1]])]), "item 0: the prompt has no tokens"),
-        (req(vec![token_item(&[1; 30], &[&[2; 11]])]), "max_tokens_per_item"),
-        (req(vec![token_item(&[1; 30], &[&[2; 5], &[2; 5], &[2; 5]])]), "max_tokens_per_request"),
+        (req(vec![token_item(&[1; 190], &[&[2; 11]])]), "max_tokens_per_item"),
+        (
+            req(vec![token_item(&[1; 100], &[ten; 5])]),
+            "(max_tokens_per_request) at item 0 response 4",
+        ),
         (req(vec![v1::ScoreItem { input: None }]), "item 0: no input"),
     ];
     for (r, needle) in cases {
@@ -156,11 +160,15 @@ async fn scores_match_in_process_and_limits_hold() {
         assert!(!err.is_retryable());
     }
     // Oversized message: refused by the transport's decoding limit.
-    let r: Vec<u32> = vec![2; 9];
-    let rs: Vec<&[u32]> = vec![&r; 40];
-    let big = token_item(&[1; 30], &rs);
-    let err = client.score(req(vec![big; 5])).await.expect_err("too big");
-    assert!(err.to_string().contains("4096"), "{err}");
+    let big = v1::ScoreItem {
+        input: Some(v1::score_item::Input::Text(v1::TextInput {
+            prompt: "a".repeat(10_000),
+            responses: vec!["b".into()],
+            template: 0,
+        })),
+    };
+    let err = client.score(req(vec![big])).await.expect_err("too big");
+    assert!(err.to_string().contains("8192"), "{err}");
     assert!(!err.is_retryable());
     // Still serving, with the same numbers.
     let again = client
