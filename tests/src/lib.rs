@@ -1,1 +1,95 @@
-//! Shared helpers for the integration tests in `tests/tests/`.
+//! Helpers for the cross-crate tests: the workspace's real binaries, started on ephemeral
+//! loopback ports, with tiny random models written by the tests themselves.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dpo_common::testing::workspace_root;
+
+/// Path of a workspace binary in the current profile's target directory, building it
+/// first if `cargo test` was not run for the whole workspace.
+pub fn binary(name: &str) -> PathBuf {
+    // target/debug/deps/this_test-HASH → target/debug/NAME
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    let path = dir.join(name);
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", name, "--bin", name])
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build -p {name} failed");
+    }
+    path
+}
+
+/// A `ref-server serve` child process, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts `ref-server serve --listen 127.0.0.1:0 ARGS`, reads the bound address from
+    /// its `listening on` line and polls its health check until SERVING.
+    pub fn start(model: &Path, extra: &[&str], log_dir: &Path) -> Server {
+        let log = log_dir.join("ref-server.log");
+        let mut child = Command::new(binary("ref-server"))
+            .arg("serve")
+            .arg("--model")
+            .arg(model)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("server log"))
+            .spawn()
+            .expect("start ref-server");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read ref-server stdout");
+        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| {
+            panic!(
+                "unexpected first line from ref-server: {line:?}; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        let url = format!("http://{addr}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ok = Command::new(binary("ref-server"))
+                .args(["health", "--server", &url])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "ref-server never became SERVING");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Server { child, url, log }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads a JSONL file into JSON values.
+pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}

@@ -1,0 +1,235 @@
+//! The `policy-trainer train` flags: every knob of a run, with its default, in one place.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use dpo_common::template::Template;
+
+/// Which validation number picks the `best/` checkpoint.
+/// `--length-policy`, mapped onto the data layer's [`dpo_common::data::LengthPolicy`]
+/// (`common` has no CLI dependency).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LengthPolicyArg {
+    /// Cut the prompt from the left first, then the responses from the right.
+    Truncate,
+    /// Leave over-long pairs out.
+    Drop,
+}
+
+impl From<LengthPolicyArg> for dpo_common::data::LengthPolicy {
+    fn from(p: LengthPolicyArg) -> Self {
+        match p {
+            LengthPolicyArg::Truncate => dpo_common::data::LengthPolicy::Truncate,
+            LengthPolicyArg::Drop => dpo_common::data::LengthPolicy::Drop,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SelectMetric {
+    /// Fraction of pairs whose implicit reward β(π−ref) is higher for the chosen response.
+    RewardAccuracy,
+    /// Fraction of pairs where the policy gives the chosen response the higher log-prob.
+    LogpAccuracy,
+    /// Validation DPO loss (lower is better).
+    Loss,
+}
+
+impl SelectMetric {
+    pub fn name(self) -> &'static str {
+        match self {
+            SelectMetric::RewardAccuracy => "reward_accuracy",
+            SelectMetric::LogpAccuracy => "logp_accuracy",
+            SelectMetric::Loss => "loss",
+        }
+    }
+
+    /// True when `new` beats `old`.
+    pub fn improves(self, new: f64, old: Option<f64>) -> bool {
+        match (self, old) {
+            (_, None) => true,
+            (SelectMetric::Loss, Some(old)) => new < old,
+            (_, Some(old)) => new > old,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// The starting model: a Hugging Face directory or a .gguf file. It must be the model
+    /// the reference server holds (checked through the fingerprints).
+    #[arg(long)]
+    pub model: PathBuf,
+
+    /// The reference server (http://HOST:PORT, or https:// with TLS).
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub ref_server: String,
+
+    /// File holding the server's bearer token (or set DPO_AUTH_TOKEN).
+    #[arg(long)]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// CA certificate (PEM) to verify an https:// reference server.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Server name to verify in its TLS certificate (default: the URL's host).
+    #[arg(long)]
+    pub tls_domain: Option<String>,
+
+    /// Preference data as JSONL lines {"prompt","chosen","rejected"}.
+    #[arg(long, conflicts_with = "hh_dir", required_unless_present = "hh_dir")]
+    pub data: Option<PathBuf>,
+
+    /// Anthropic HH directory ({subset}/{split}.jsonl.gz); single-turn pairs of the
+    /// subsets below are used.
+    #[arg(long)]
+    pub hh_dir: Option<PathBuf>,
+
+    /// HH subsets to combine.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "harmless-base,helpful-base,helpful-online,helpful-rejection-sampled"
+    )]
+    pub hh_subsets: Vec<String>,
+
+    /// HH split file to read (train or test).
+    #[arg(long, default_value = "train")]
+    pub hh_split: String,
+
+    /// Where best/, last/, metrics.jsonl and the chart go.
+    #[arg(long, default_value = "runs/dpo")]
+    pub out: PathBuf,
+
+    /// Continue the run in --out from last/ (same data and flags).
+    #[arg(long)]
+    pub resume: bool,
+
+    /// Prompt template: alpaca (the prompt is an instruction) or raw.
+    #[arg(long, default_value = "alpaca")]
+    pub template: Template,
+
+    /// Longest prompt + response in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub max_length: usize,
+
+    /// Over-long pairs: truncate (prompt from the left first, then the responses) or drop.
+    #[arg(long, value_enum, default_value = "truncate")]
+    pub length_policy: LengthPolicyArg,
+
+    /// Held-out validation pairs.
+    #[arg(long, default_value_t = 200)]
+    pub val_size: usize,
+
+    /// Seed of the validation split and the per-epoch shuffles.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// DPO temperature β.
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+
+    /// RMSprop learning rate.
+    #[arg(long, default_value_t = 1e-6)]
+    pub lr: f64,
+
+    /// Pairs per optimizer step (gradients are averaged over them).
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+
+    /// Pairs per forward/backward pass (gradient accumulation covers the rest).
+    #[arg(long, default_value_t = 1)]
+    pub micro_batch: usize,
+
+    /// Clip the global gradient norm to this (0 = no clipping).
+    #[arg(long, default_value_t = 0.0)]
+    pub max_grad_norm: f64,
+
+    /// RMSprop weight decay (L2, PyTorch semantics).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+
+    /// Evaluate every this many steps (and at step 0 and at the end).
+    #[arg(long, default_value_t = 10)]
+    pub eval_every: usize,
+
+    /// Save last/ (for --resume) every this many steps (and at the end).
+    #[arg(long, default_value_t = 50)]
+    pub save_every: usize,
+
+    /// Validation metric that selects best/.
+    #[arg(long, value_enum, default_value = "reward-accuracy")]
+    pub select_metric: SelectMetric,
+
+    /// Pairs of upcoming work kept in flight at the reference server.
+    #[arg(long, default_value_t = 256)]
+    pub ref_prefetch: usize,
+
+    /// Pairs per Score request.
+    #[arg(long, default_value_t = 8)]
+    pub ref_batch: usize,
+
+    /// Give up after the reference server has been unreachable this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub ref_timeout: u64,
+
+    /// Persistent reference-score cache (default: OUT/ref_cache.jsonl).
+    #[arg(long)]
+    pub ref_cache: Option<PathBuf>,
+
+    /// Train even if the server's model fingerprint differs from the starting model's.
+    #[arg(long)]
+    pub allow_different_reference: bool,
+
+    /// Device of the policy: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+
+    /// Compute dtype of the policy: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+
+    /// No progress bar (log lines only), e.g. when stderr is a file.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+impl TrainArgs {
+    pub fn ref_timeout(&self) -> Duration {
+        Duration::from_secs(self.ref_timeout)
+    }
+
+    pub fn ref_cache_path(&self) -> PathBuf {
+        self.ref_cache.clone().unwrap_or_else(|| self.out.join("ref_cache.jsonl"))
+    }
+
+    /// Flag combinations that cannot work, caught before anything loads.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.batch_size > 0, "--batch-size must be at least 1");
+        anyhow::ensure!(self.micro_batch > 0, "--micro-batch must be at least 1");
+        anyhow::ensure!(
+            self.batch_size.is_multiple_of(self.micro_batch),
+            "--batch-size {} is not a multiple of --micro-batch {}",
+            self.batch_size,
+            self.micro_batch
+        );
+        anyhow::ensure!(self.eval_every > 0, "--eval-every must be at least 1");
+        anyhow::ensure!(self.save_every > 0, "--save-every must be at least 1");
+        anyhow::ensure!(self.epochs > 0, "--epochs must be at least 1");
+        anyhow::ensure!(self.beta > 0.0, "--beta must be positive");
+        anyhow::ensure!(self.lr >= 0.0, "--lr must not be negative");
+        anyhow::ensure!(self.max_length >= 2, "--max-length must be at least 2");
+        anyhow::ensure!(self.max_grad_norm >= 0.0, "--max-grad-norm must not be negative");
+        Ok(())
+    }
+}

@@ -1,0 +1,121 @@
+//! The trainer's two checkpoints, both Hugging Face directories any Llama loader reads:
+//!
+//! - `best/`: the policy with the best validation metric so far, plus `best.json` saying
+//!   which step and metrics it came from;
+//! - `last/`: everything `--resume` needs — the policy, the optimizer state
+//!   (`optimizer.safetensors`) and `trainer_state.json` (step, data position, best metric,
+//!   the fingerprints the run started from).
+//!
+//! Both are written with `dpo_common`'s atomic `save_hf`: a crash or a full disk
+//! mid-save leaves the previous checkpoint whole.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use dpo_common::model::save::{save_hf, write_file, SaveOptions};
+use dpo_common::model::Llama;
+use dpo_common::tokenizer::LlamaTokenizer;
+use serde::{Deserialize, Serialize};
+
+pub const BEST_DIR: &str = "best";
+pub const LAST_DIR: &str = "last";
+pub const BEST_META: &str = "best.json";
+pub const TRAINER_STATE: &str = "trainer_state.json";
+pub const OPTIMIZER_STATE: &str = "optimizer.safetensors";
+
+/// What `best/best.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BestMeta {
+    pub step: usize,
+    pub examples_seen: usize,
+    pub select_metric: String,
+    pub value: f64,
+    /// The full evaluation record of that step.
+    pub eval: serde_json::Value,
+}
+
+/// Where a run stands, saved in `last/trainer_state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps taken.
+    pub step: usize,
+    /// Epoch in progress (0-based) and pairs of it already consumed.
+    pub epoch: usize,
+    pub epoch_position: usize,
+    pub examples_seen: usize,
+    /// Best validation value so far and its step (`None` before the first eligible eval).
+    pub best_value: Option<f64>,
+    pub best_step: Option<usize>,
+    pub seed: u64,
+    /// Fingerprint of the model training started from (the reference must match it, not
+    /// the partly trained weights in `last/`).
+    pub start_fingerprint: String,
+    /// Identity of the training data (hash of the tokenized pairs and the split), so a
+    /// resume on different data or flags is refused instead of silently diverging.
+    pub data_fingerprint: String,
+}
+
+pub fn best_dir(out: &Path) -> PathBuf {
+    out.join(BEST_DIR)
+}
+
+pub fn last_dir(out: &Path) -> PathBuf {
+    out.join(LAST_DIR)
+}
+
+/// Saves the best model so far (atomically replacing the previous one).
+pub fn save_best(
+    out: &Path,
+    model: &Llama,
+    tokenizer: &LlamaTokenizer,
+    meta: &BestMeta,
+) -> Result<PathBuf> {
+    let dir = best_dir(out);
+    let meta = serde_json::to_vec_pretty(meta)?;
+    save_hf(model, tokenizer, &dir, &SaveOptions::default(), &[(BEST_META, meta)])
+        .with_context(|| format!("cannot save the best checkpoint to {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Saves everything `--resume` needs (atomically replacing the previous `last/`).
+pub fn save_last(
+    out: &Path,
+    model: &Llama,
+    tokenizer: &LlamaTokenizer,
+    optimizer_state: Vec<u8>,
+    state: &TrainerState,
+) -> Result<PathBuf> {
+    let dir = last_dir(out);
+    let state = serde_json::to_vec_pretty(state)?;
+    let extra = [(TRAINER_STATE, state), (OPTIMIZER_STATE, optimizer_state)];
+    save_hf(model, tokenizer, &dir, &SaveOptions::default(), &extra)
+        .with_context(|| format!("cannot save the resume checkpoint to {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Reads `last/trainer_state.json`, with errors that say what to do.
+pub fn read_trainer_state(out: &Path) -> Result<TrainerState> {
+    let dir = last_dir(out);
+    let path = dir.join(TRAINER_STATE);
+    if !path.exists() {
+        bail!(
+            "--resume: no checkpoint to resume from ({} does not exist); run without --resume \
+             to start a new run in {}",
+            path.display(),
+            out.display()
+        );
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a trainer state", path.display()))
+}
+
+/// Writes a small file atomically (tmp + rename), e.g. the run's `args.json`.
+pub fn write_small_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    write_file(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} into place", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! Validation: the DPO loss and implicit-reward statistics of the current policy on the
+//! held-out pairs, against the (cached) reference scores.
+
+use anyhow::Result;
+use dpo_common::data::EncodedPair;
+use dpo_common::model::Llama;
+use serde::{Deserialize, Serialize};
+
+use crate::dpo;
+use crate::ref_client::ReferenceScorer;
+use crate::train::policy_logprobs;
+
+/// One validation pass, averaged over the validation pairs.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct EvalResult {
+    pub loss: f64,
+    /// Smallest and largest per-pair loss (both ln 2 at step 0, when policy = reference).
+    pub loss_min: f64,
+    pub loss_max: f64,
+    /// Fraction of pairs with β(π_c − ref_c) > β(π_r − ref_r) (ties count as wrong).
+    pub reward_accuracy: f64,
+    /// Fraction of pairs with π_c > π_r.
+    pub logp_accuracy: f64,
+    pub chosen_reward: f64,
+    pub rejected_reward: f64,
+    pub margin: f64,
+    pub pairs: usize,
+}
+
+/// Scores `val` with the policy in chunks of `chunk` pairs (no gradients are taken: each
+/// chunk's graph is dropped at once).
+pub fn evaluate(
+    policy: &Llama,
+    scorer: &ReferenceScorer,
+    val: &[EncodedPair],
+    beta: f64,
+    chunk: usize,
+) -> Result<EvalResult> {
+    scorer.prefetch(val);
+    let mut totals = dpo::DpoStats::default();
+    for pairs in val.chunks(chunk.max(1)) {
+        let (chosen, rejected) = policy_logprobs(policy, pairs)?;
+        let refs = scorer.scores(pairs)?;
+        let out = dpo::dpo_loss(&chosen, &rejected, &refs, beta)?;
+        totals.merge(&out.stats);
+    }
+    Ok(EvalResult {
+        loss: totals.mean_loss(),
+        loss_min: totals.min_loss(),
+        loss_max: totals.max_loss(),
+        reward_accuracy: totals.reward_accuracy(),
+        logp_accuracy: totals.logp_accuracy(),
+        chosen_reward: totals.mean_chosen_reward(),
+        rejected_reward: totals.mean_rejected_reward(),
+        margin: totals.mean_margin(),
+        pairs: totals.count,
+    })
+}

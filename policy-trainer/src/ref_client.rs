@@ -1,0 +1,277 @@
+//! The trainer's side of the reference server: scores are requested ahead of the policy
+//! (a bounded window of upcoming pairs in flight), kept in the [`RefCache`], and retried
+//! with backoff while the server is unreachable — for at most `--ref-timeout`, after
+//! which the trainer fails with an error naming the server.
+//!
+//! The training loop is synchronous (candle compute on the calling thread); the gRPC
+//! traffic runs on a small tokio runtime owned by [`ReferenceScorer`]. The two meet in a
+//! mutex-guarded table of pending/ready pairs with a condition variable.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use dpo_common::data::EncodedPair;
+use dpo_proto::client::{ClientOptions, ModelInfo, RefClient, TokenPair};
+
+use crate::ref_cache::{PairKey, RefCache, RefScores};
+
+/// How the trainer talks to the reference server.
+#[derive(Debug, Clone)]
+pub struct ScorerOptions {
+    pub client: ClientOptions,
+    /// Give up after the server has been unreachable this long.
+    pub timeout: Duration,
+    /// Pairs per Score request.
+    pub pairs_per_request: usize,
+    /// Score requests in flight at once.
+    pub max_requests_in_flight: usize,
+}
+
+enum Slot {
+    Pending,
+    Failed(String),
+}
+
+struct Shared {
+    /// Scores known so far (also the persistent cache).
+    cache: RefCache,
+    /// Pairs requested but not yet answered, or whose request failed for good.
+    pending: HashMap<PairKey, Slot>,
+}
+
+pub struct ReferenceScorer {
+    runtime: tokio::runtime::Runtime,
+    client: RefClient,
+    info: ModelInfo,
+    options: ScorerOptions,
+    shared: Arc<(Mutex<Shared>, Condvar)>,
+    requests: Arc<tokio::sync::Semaphore>,
+    /// Requests made to the server / answered from the cache, for the run summary.
+    stats: Arc<Mutex<ScorerStats>>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ScorerStats {
+    pub pairs_requested: usize,
+    pub requests: usize,
+    pub retries: usize,
+}
+
+/// Retries `op` while it fails with a retryable error, for at most `timeout` counted from
+/// the first failure; backoff doubles from 250 ms to 10 s.
+async fn with_retry<T, F, Fut>(
+    what: &str,
+    url: &str,
+    timeout: Duration,
+    retries: &Mutex<ScorerStats>,
+    mut op: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, dpo_proto::client::ClientError>>,
+{
+    let mut first_failure: Option<Instant> = None;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match op().await {
+            Ok(v) => {
+                if let Some(t) = first_failure {
+                    tracing::info!(
+                        "reference server {url} is back after {:.1}s",
+                        t.elapsed().as_secs_f64()
+                    );
+                }
+                return Ok(v);
+            }
+            Err(e) if e.is_retryable() => {
+                let since = *first_failure.get_or_insert_with(Instant::now);
+                if since.elapsed() >= timeout {
+                    bail!(
+                        "{what}: the reference server {url} has been unreachable for {:.0}s \
+                         (--ref-timeout {}s); last error: {e}",
+                        since.elapsed().as_secs_f64(),
+                        timeout.as_secs()
+                    );
+                }
+                tracing::warn!("{what}: {e}; retrying in {:.1}s", backoff.as_secs_f64());
+                retries.lock().expect("stats lock").retries += 1;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(anyhow!("{what}: {e}")),
+        }
+    }
+}
+
+impl ReferenceScorer {
+    /// Connects (retrying while the server is not up yet, within the timeout) and fetches
+    /// the server's `ModelInfo`.
+    pub fn connect(options: ScorerOptions, cache: RefCache) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("ref-client")
+            .enable_all()
+            .build()
+            .context("cannot start the reference client's runtime")?;
+        let stats = Arc::new(Mutex::new(ScorerStats::default()));
+        let url = options.client.url.clone();
+        let (client, info) = runtime.block_on(async {
+            let client = with_retry("connecting", &url, options.timeout, &stats, || {
+                RefClient::connect(&options.client)
+            })
+            .await?;
+            let info = with_retry("asking for ModelInfo", &url, options.timeout, &stats, || {
+                let c = client.clone();
+                async move { c.model_info().await }
+            })
+            .await?;
+            anyhow::Ok((client, info))
+        })?;
+        let requests = Arc::new(tokio::sync::Semaphore::new(options.max_requests_in_flight.max(1)));
+        Ok(ReferenceScorer {
+            runtime,
+            client,
+            info,
+            options,
+            shared: Arc::new((
+                Mutex::new(Shared { cache, pending: HashMap::new() }),
+                Condvar::new(),
+            )),
+            requests,
+            stats,
+        })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn stats(&self) -> ScorerStats {
+        *self.stats.lock().expect("stats lock")
+    }
+
+    pub fn cached(&self) -> usize {
+        self.shared.0.lock().expect("scorer lock").cache.len()
+    }
+
+    fn key(&self, pair: &EncodedPair) -> PairKey {
+        PairKey::new(&self.info.fingerprint, pair)
+    }
+
+    /// Asks for the scores of `pairs` in the background (those not cached or already on
+    /// their way); returns immediately.
+    pub fn prefetch<'a>(&self, pairs: impl IntoIterator<Item = &'a EncodedPair>) {
+        let mut todo: Vec<(PairKey, TokenPair)> = Vec::new();
+        {
+            let mut shared = self.shared.0.lock().expect("scorer lock");
+            for pair in pairs {
+                let key = self.key(pair);
+                if shared.cache.get(&key).is_some() || shared.pending.contains_key(&key) {
+                    continue;
+                }
+                shared.pending.insert(key, Slot::Pending);
+                todo.push((
+                    key,
+                    TokenPair {
+                        prompt_ids: pair.prompt_ids.clone(),
+                        chosen_ids: pair.chosen_ids.clone(),
+                        rejected_ids: pair.rejected_ids.clone(),
+                    },
+                ));
+            }
+        }
+        let per_request = self.options.pairs_per_request.max(1);
+        let mut todo = todo.into_iter().peekable();
+        while todo.peek().is_some() {
+            let chunk: Vec<(PairKey, TokenPair)> = todo.by_ref().take(per_request).collect();
+            self.spawn_request(chunk);
+        }
+    }
+
+    fn spawn_request(&self, chunk: Vec<(PairKey, TokenPair)>) {
+        let client = self.client.clone();
+        let shared = Arc::clone(&self.shared);
+        let requests = Arc::clone(&self.requests);
+        let stats = Arc::clone(&self.stats);
+        let timeout = self.options.timeout;
+        let url = self.options.client.url.clone();
+        self.runtime.spawn(async move {
+            let Ok(_permit) = requests.acquire_owned().await else { return };
+            {
+                let mut s = stats.lock().expect("stats lock");
+                s.requests += 1;
+                s.pairs_requested += chunk.len();
+            }
+            let (keys, pairs): (Vec<PairKey>, Vec<TokenPair>) = chunk.into_iter().unzip();
+            let what = format!("scoring {} pairs", pairs.len());
+            let result = with_retry(&what, &url, timeout, &stats, || {
+                let c = client.clone();
+                let p = pairs.clone();
+                async move { c.score_pairs(&p).await }
+            })
+            .await
+            .and_then(|scores| {
+                if scores.len() != keys.len() {
+                    bail!(
+                        "the reference server returned {} scores for {} pairs",
+                        scores.len(),
+                        keys.len()
+                    );
+                }
+                Ok(scores)
+            });
+            let (lock, ready) = &*shared;
+            let mut shared = lock.lock().expect("scorer lock");
+            match result {
+                Ok(scores) => {
+                    for (key, s) in keys.into_iter().zip(scores) {
+                        shared.pending.remove(&key);
+                        let scores = RefScores { chosen: s.chosen, rejected: s.rejected };
+                        if let Err(e) = shared.cache.insert(key, scores) {
+                            shared.pending.insert(key, Slot::Failed(format!("{e:#}")));
+                        }
+                    }
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    for key in keys {
+                        shared.pending.insert(key, Slot::Failed(msg.clone()));
+                    }
+                }
+            }
+            ready.notify_all();
+        });
+    }
+
+    /// The reference scores of `pairs`, in order; blocks until all are known (requesting
+    /// the ones nobody asked for yet).
+    pub fn scores(&self, pairs: &[EncodedPair]) -> Result<Vec<RefScores>> {
+        self.prefetch(pairs);
+        let keys: Vec<PairKey> = pairs.iter().map(|p| self.key(p)).collect();
+        let (lock, ready) = &*self.shared;
+        let mut shared = lock.lock().expect("scorer lock");
+        loop {
+            let mut out = Vec::with_capacity(keys.len());
+            for key in &keys {
+                if let Some(s) = shared.cache.get(key) {
+                    out.push(s);
+                } else if let Some(Slot::Failed(msg)) = shared.pending.get(key) {
+                    bail!("{msg}");
+                } else {
+                    break;
+                }
+            }
+            if out.len() == keys.len() {
+                return Ok(out);
+            }
+            // The background request itself gives up after the timeout, so this wait ends.
+            shared = ready.wait(shared).expect("scorer lock");
+        }
+    }
+
+    pub fn flush_cache(&self) -> Result<()> {
+        self.shared.0.lock().expect("scorer lock").cache.flush()
+    }
+}

@@ -1,0 +1,502 @@
+//! The DPO training loop: data → policy log-probs (with gradients) and reference
+//! log-probs (from the server, prefetched and cached) → DPO loss → gradient accumulation
+//! over `--batch-size` pairs → one RMSprop step; validation every `--eval-every` steps,
+//! `best/` on each new best validation metric, `last/` every `--save-every` steps.
+//!
+//! A run is a pure function of (starting model, data, flags): the data order comes from
+//! the seed and the epoch, so `--resume` from `last/` replays exactly the steps an
+//! uninterrupted run would have taken.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use dpo_common::data::{self, EncodedPair, PreferencePair};
+use dpo_common::device::parse_device;
+use dpo_common::logprob::response_logprobs;
+use dpo_common::model::{load_model, parse_dtype, Llama, LoadedModel, Mode};
+use dpo_proto::client::ClientOptions;
+use sha2::{Digest, Sha256};
+
+use crate::args::TrainArgs;
+use crate::checkpoint::{self, BestMeta, TrainerState};
+use crate::dpo;
+use crate::eval::{evaluate, EvalResult};
+use crate::metrics::{EvalRecord, MetricsLog, TrainRecord};
+use crate::optim::{clip_grad_norm, GradAccumulator, RmsProp, RmsPropConfig};
+use crate::plot;
+use crate::ref_cache::RefCache;
+use crate::ref_client::{ReferenceScorer, ScorerOptions};
+
+/// Policy log-probs of a micro-batch of pairs: (chosen [m], rejected [m]), tracked for
+/// gradients when the policy is trainable. Chosen and rejected go through one padded
+/// forward pass.
+pub fn policy_logprobs(policy: &Llama, pairs: &[EncodedPair]) -> Result<(Tensor, Tensor)> {
+    let mut seqs = Vec::with_capacity(2 * pairs.len());
+    for p in pairs {
+        seqs.push(p.chosen_sequence());
+        seqs.push(p.rejected_sequence());
+    }
+    let sums = response_logprobs(policy, &seqs)?.sums; // [2m]: c0, r0, c1, r1, ...
+    let m = pairs.len();
+    let by_pair = sums.reshape((m, 2))?;
+    let chosen = by_pair.narrow(1, 0, 1)?.squeeze(1)?;
+    let rejected = by_pair.narrow(1, 1, 1)?.squeeze(1)?;
+    Ok((chosen, rejected))
+}
+
+/// What a finished run prints.
+pub struct RunSummary {
+    pub out: PathBuf,
+    pub steps: usize,
+    pub examples_seen: usize,
+    pub best: Option<(usize, f64, String)>,
+    pub final_eval: Option<EvalResult>,
+}
+
+impl fmt::Display for RunSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "trained {} steps ({} examples)", self.steps, self.examples_seen)?;
+        if let Some(e) = &self.final_eval {
+            writeln!(
+                f,
+                "final validation: loss {:.4}, reward accuracy {:.3}, log-prob accuracy {:.3}, margin {:.4}",
+                e.loss, e.reward_accuracy, e.logp_accuracy, e.margin
+            )?;
+        }
+        match &self.best {
+            Some((step, value, metric)) => writeln!(
+                f,
+                "best:    {} (step {step}, {metric} {value:.4})",
+                self.out.join(checkpoint::BEST_DIR).display()
+            )?,
+            None => writeln!(f, "best:    none saved (no evaluation after step 0)")?,
+        }
+        writeln!(f, "resume:  {}", self.out.join(checkpoint::LAST_DIR).display())?;
+        writeln!(f, "metrics: {}", self.out.join("metrics.jsonl").display())?;
+        write!(f, "chart:   {}", self.out.join(plot::CHART_FILE).display())
+    }
+}
+
+/// Loads the preference pairs the flags name, printing what was kept and dropped.
+fn load_pairs(args: &TrainArgs) -> Result<Vec<PreferencePair>> {
+    if let Some(dir) = &args.hh_dir {
+        let (pairs, reports) = data::read_hh_dir(dir, &args.hh_split, &args.hh_subsets)?;
+        for r in &reports {
+            eprintln!("{r}");
+        }
+        Ok(pairs)
+    } else if let Some(path) = &args.data {
+        let (pairs, report) = data::read_preference_jsonl(path)?;
+        eprintln!("{report}");
+        Ok(pairs)
+    } else {
+        bail!("no training data: pass --data FILE.jsonl or --hh-dir DIR")
+    }
+}
+
+/// Identity of the tokenized data, split and order seed: a resume on anything else would
+/// silently train a different run.
+fn data_fingerprint(train: &[EncodedPair], val: &[EncodedPair], seed: u64) -> String {
+    let mut h = Sha256::new();
+    h.update(seed.to_le_bytes());
+    for (tag, set) in [(0u8, train), (1u8, val)] {
+        h.update([tag]);
+        h.update((set.len() as u64).to_le_bytes());
+        for p in set {
+            for ids in [&p.prompt_ids, &p.chosen_ids, &p.rejected_ids] {
+                h.update((ids.len() as u64).to_le_bytes());
+                for id in ids.iter() {
+                    h.update(id.to_le_bytes());
+                }
+            }
+        }
+    }
+    let digest: [u8; 32] = h.finalize().into();
+    format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+fn read_token(args: &TrainArgs) -> Result<Option<String>> {
+    if let Some(path) = &args.auth_token_file {
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --auth-token-file {}", path.display()))?;
+        let token = token.trim().to_string();
+        anyhow::ensure!(!token.is_empty(), "--auth-token-file {} is empty", path.display());
+        return Ok(Some(token));
+    }
+    Ok(std::env::var("DPO_AUTH_TOKEN").ok().filter(|t| !t.trim().is_empty()))
+}
+
+/// Refuses an output directory that holds another run, so nothing is overwritten.
+fn check_out_dir(args: &TrainArgs) -> Result<()> {
+    let last = checkpoint::last_dir(&args.out);
+    let best = checkpoint::best_dir(&args.out);
+    if !args.resume && (last.exists() || best.exists()) {
+        bail!(
+            "{} already holds a run (best/ or last/ exist); pass --resume to continue it, or \
+             choose another --out",
+            args.out.display()
+        );
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create the output directory {}", args.out.display()))
+}
+
+pub fn run(args: TrainArgs) -> Result<RunSummary> {
+    args.validate()?;
+    check_out_dir(&args)?;
+    let resume_state =
+        if args.resume { Some(checkpoint::read_trainer_state(&args.out)?) } else { None };
+
+    // The policy: from --model on a fresh start, from last/ on resume.
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let policy_path =
+        if resume_state.is_some() { checkpoint::last_dir(&args.out) } else { args.model.clone() };
+    tracing::info!("loading the policy from {}", policy_path.display());
+    let LoadedModel { model: policy, tokenizer, fingerprint, .. } =
+        load_model(&policy_path, Mode::Trainable, dtype, &device)
+            .with_context(|| format!("cannot load the policy from {}", policy_path.display()))?;
+    let start_fingerprint =
+        resume_state.as_ref().map(|s| s.start_fingerprint.clone()).unwrap_or(fingerprint);
+
+    // The reference: same model as the policy started from, unless told otherwise.
+    let cache = RefCache::open(&args.ref_cache_path())?;
+    let scorer = ReferenceScorer::connect(
+        ScorerOptions {
+            client: ClientOptions {
+                url: args.ref_server.clone(),
+                token: read_token(&args)?,
+                ca_cert: args.tls_ca.clone(),
+                tls_domain: args.tls_domain.clone(),
+                ..ClientOptions::default()
+            },
+            timeout: args.ref_timeout(),
+            pairs_per_request: args.ref_batch,
+            max_requests_in_flight: 4,
+        },
+        cache,
+    )?;
+    let info = scorer.info();
+    if info.fingerprint != start_fingerprint {
+        let msg = format!(
+            "the reference server {} holds a different model ({} from {}) than the policy \
+             starts from ({} from {})",
+            args.ref_server,
+            info.fingerprint,
+            info.source,
+            start_fingerprint,
+            args.model.display()
+        );
+        if !args.allow_different_reference {
+            bail!("{msg}; start the server on the same checkpoint, or pass --allow-different-reference");
+        }
+        tracing::warn!("{msg}; continuing because of --allow-different-reference");
+    }
+    anyhow::ensure!(
+        info.vocab_size as usize == policy.config().vocab_size,
+        "the reference's vocabulary ({}) differs from the policy's ({}): their log-probs are not comparable",
+        info.vocab_size,
+        policy.config().vocab_size
+    );
+
+    // Data: tokenize, apply the length policy, split off validation.
+    let pairs = load_pairs(&args)?;
+    let (encoded, length_report) = data::encode_pairs(
+        &tokenizer,
+        args.template,
+        &pairs,
+        args.max_length.min(info.max_tokens_per_item as usize),
+        args.length_policy.into(),
+    )?;
+    eprintln!("{length_report}");
+    let (train_set, val_set) = data::split_validation(encoded, args.val_size, args.seed)?;
+    anyhow::ensure!(!train_set.is_empty(), "no training pairs left after the validation split");
+    let data_fp = data_fingerprint(&train_set, &val_set, args.seed);
+    eprintln!(
+        "{} training pairs, {} validation pairs; batch {} (micro-batch {}), {} epoch(s)",
+        train_set.len(),
+        val_set.len(),
+        args.batch_size,
+        args.micro_batch,
+        args.epochs
+    );
+
+    let mut optimizer = RmsProp::new(
+        policy.vars(),
+        RmsPropConfig { lr: args.lr, weight_decay: args.weight_decay, ..RmsPropConfig::default() },
+    )?;
+    let mut state = match resume_state {
+        Some(state) => {
+            anyhow::ensure!(
+                state.data_fingerprint == data_fp,
+                "--resume: the data, split or seed differ from the run in {} (its data \
+                 fingerprint {}, now {data_fp})",
+                args.out.display(),
+                state.data_fingerprint
+            );
+            let path = checkpoint::last_dir(&args.out).join(checkpoint::OPTIMIZER_STATE);
+            optimizer
+                .load(&path)
+                .with_context(|| format!("cannot restore the optimizer from {}", path.display()))?;
+            eprintln!(
+                "resuming at step {} (epoch {}, pair {})",
+                state.step, state.epoch, state.epoch_position
+            );
+            state
+        }
+        None => TrainerState {
+            step: 0,
+            epoch: 0,
+            epoch_position: 0,
+            examples_seen: 0,
+            best_value: None,
+            best_step: None,
+            seed: args.seed,
+            start_fingerprint: start_fingerprint.clone(),
+            data_fingerprint: data_fp,
+        },
+    };
+    let metrics_path = args.out.join("metrics.jsonl");
+    let mut metrics = MetricsLog::open(&metrics_path, args.resume.then_some(state.step))?;
+    let chart_path = args.out.join(plot::CHART_FILE);
+
+    let steps_per_epoch = train_set.len().div_ceil(args.batch_size);
+    let total_steps = (steps_per_epoch * args.epochs).min(args.max_steps.unwrap_or(usize::MAX));
+    let progress = Progress::new(total_steps, state.step, args.no_progress);
+    let mut run = Run {
+        args: &args,
+        policy: &policy,
+        tokenizer: &tokenizer,
+        scorer: &scorer,
+        val_set: &val_set,
+        metrics: &mut metrics,
+        chart_path: &chart_path,
+        progress: &progress,
+        last_eval: None,
+    };
+
+    if state.step == 0 {
+        // The starting point of the curve; policy == reference, so the loss is ln 2.
+        run.evaluate(&mut state, false)?;
+    }
+    let mut accumulator = GradAccumulator::new(policy.vars())?;
+    let mut order = data::epoch_order(train_set.len(), args.seed, state.epoch as u64);
+    while state.step < total_steps {
+        if state.epoch_position >= train_set.len() {
+            state.epoch += 1;
+            state.epoch_position = 0;
+            order = data::epoch_order(train_set.len(), args.seed, state.epoch as u64);
+        }
+        let started = Instant::now();
+        let end = (state.epoch_position + args.batch_size).min(train_set.len());
+        let batch: Vec<EncodedPair> =
+            order[state.epoch_position..end].iter().map(|&i| train_set[i].clone()).collect();
+        // Keep the server busy with what comes next while the policy works on this batch.
+        let ahead_end = (end + args.ref_prefetch).min(train_set.len());
+        scorer.prefetch(order[end..ahead_end].iter().map(|&i| &train_set[i]));
+
+        let mut stats = dpo::DpoStats::default();
+        for micro in batch.chunks(args.micro_batch) {
+            let (chosen, rejected) = policy_logprobs(&policy, micro)?;
+            let refs = scorer.scores(micro)?;
+            let out = dpo::dpo_loss(&chosen, &rejected, &refs, args.beta)?;
+            stats.merge(&out.stats);
+            // Mean over the whole batch: each micro-batch adds its share of the sum.
+            let loss = (out.losses.sum_all()? / batch.len() as f64)?;
+            let grads = loss.backward()?;
+            accumulator.add(&grads)?;
+        }
+        let grad_norm = clip_grad_norm(&mut accumulator, args.max_grad_norm)?;
+        optimizer.step(&accumulator)?;
+        accumulator.zero()?;
+
+        state.step += 1;
+        state.epoch_position = end;
+        state.examples_seen += batch.len();
+        let seconds = started.elapsed().as_secs_f64();
+        let record = TrainRecord {
+            step: state.step,
+            epoch: state.epoch,
+            examples_seen: state.examples_seen,
+            loss: stats.mean_loss(),
+            reward_accuracy: stats.reward_accuracy(),
+            margin: stats.mean_margin(),
+            grad_norm,
+            lr: args.lr,
+            examples_per_second: batch.len() as f64 / seconds,
+        };
+        run.metrics.log_train(&record)?;
+        progress.step(&record);
+        crash_if_asked(state.step);
+
+        let last_step = state.step == total_steps;
+        if state.step % args.eval_every == 0 || last_step {
+            run.evaluate(&mut state, true)?;
+        }
+        if state.step % args.save_every == 0 || last_step {
+            scorer.flush_cache()?;
+            checkpoint::save_last(&args.out, &policy, &tokenizer, optimizer.to_bytes()?, &state)?;
+        }
+    }
+    progress.finish();
+    scorer.flush_cache()?;
+    let s = scorer.stats();
+    tracing::info!(
+        "reference: {} pairs in {} requests ({} retries), {} cached",
+        s.pairs_requested,
+        s.requests,
+        s.retries,
+        scorer.cached()
+    );
+    Ok(RunSummary {
+        out: args.out.clone(),
+        steps: state.step,
+        examples_seen: state.examples_seen,
+        best: state
+            .best_step
+            .zip(state.best_value)
+            .map(|(step, v)| (step, v, args.select_metric.name().to_string())),
+        final_eval: run.last_eval,
+    })
+}
+
+/// Crash injection for the resume tests: `DPO_TEST_CRASH_AFTER_STEP=N` aborts the process
+/// (no unwinding, no flushing beyond what is already on disk) right after step N is logged,
+/// as a kill or power loss would.
+fn crash_if_asked(step: usize) {
+    if std::env::var("DPO_TEST_CRASH_AFTER_STEP").ok().and_then(|v| v.parse().ok()) == Some(step) {
+        eprintln!("DPO_TEST_CRASH_AFTER_STEP={step}: aborting");
+        std::process::abort();
+    }
+}
+
+/// What an evaluation needs, bundled so the loop reads plainly.
+struct Run<'a> {
+    args: &'a TrainArgs,
+    policy: &'a Llama,
+    tokenizer: &'a dpo_common::tokenizer::LlamaTokenizer,
+    scorer: &'a ReferenceScorer,
+    val_set: &'a [EncodedPair],
+    metrics: &'a mut MetricsLog,
+    chart_path: &'a Path,
+    progress: &'a Progress,
+    last_eval: Option<EvalResult>,
+}
+
+impl Run<'_> {
+    /// Validates, logs, redraws the chart and saves `best/` on a new best (`eligible` is
+    /// false for the step-0 evaluation: the starting model is not a training result).
+    fn evaluate(&mut self, state: &mut TrainerState, eligible: bool) -> Result<()> {
+        if self.val_set.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let chunk = self.args.micro_batch.max(4);
+        let e = evaluate(self.policy, self.scorer, self.val_set, self.args.beta, chunk)?;
+        let record = EvalRecord {
+            step: state.step,
+            examples_seen: state.examples_seen,
+            loss: e.loss,
+            loss_min: e.loss_min,
+            loss_max: e.loss_max,
+            reward_accuracy: e.reward_accuracy,
+            logp_accuracy: e.logp_accuracy,
+            chosen_reward: e.chosen_reward,
+            rejected_reward: e.rejected_reward,
+            margin: e.margin,
+            pairs: e.pairs,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        self.metrics.log_eval(&record)?;
+        self.last_eval = Some(e);
+        let value = match self.args.select_metric {
+            crate::args::SelectMetric::RewardAccuracy => e.reward_accuracy,
+            crate::args::SelectMetric::LogpAccuracy => e.logp_accuracy,
+            crate::args::SelectMetric::Loss => e.loss,
+        };
+        let mut note = String::new();
+        if eligible && self.args.select_metric.improves(value, state.best_value) {
+            state.best_value = Some(value);
+            state.best_step = Some(state.step);
+            let meta = BestMeta {
+                step: state.step,
+                examples_seen: state.examples_seen,
+                select_metric: self.args.select_metric.name().to_string(),
+                value,
+                eval: serde_json::to_value(record)?,
+            };
+            checkpoint::save_best(&self.args.out, self.policy, self.tokenizer, &meta)?;
+            note = " — new best, saved best/".into();
+        }
+        self.progress.println(format!(
+            "step {:>5} eval: loss {:.4}  reward acc {:.3}  logp acc {:.3}  margin {:+.4}{note}",
+            state.step, e.loss, e.reward_accuracy, e.logp_accuracy, e.margin
+        ));
+        if let Err(err) = plot::render_from_file(&self.metrics_path(), self.chart_path) {
+            // A chart is a convenience; never stop training over it.
+            tracing::warn!("could not draw {}: {err:#}", self.chart_path.display());
+        }
+        Ok(())
+    }
+
+    fn metrics_path(&self) -> PathBuf {
+        self.args.out.join("metrics.jsonl")
+    }
+}
+
+/// The progress bar (or plain log lines without a terminal).
+struct Progress {
+    bar: indicatif::ProgressBar,
+}
+
+impl Progress {
+    fn new(total: usize, done: usize, hidden: bool) -> Self {
+        let bar = if hidden {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(total as u64)
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        bar.set_position(done as u64);
+        Progress { bar }
+    }
+
+    fn step(&self, r: &TrainRecord) {
+        self.bar.set_position(r.step as u64);
+        self.bar.set_message(format!(
+            "loss {:.4} acc {:.2} {:.2} ex/s",
+            r.loss, r.reward_accuracy, r.examples_per_second
+        ));
+        if self.bar.is_hidden() {
+            tracing::info!(
+                "step {} loss {:.4} reward acc {:.3} grad norm {:.3e} {:.2} ex/s",
+                r.step,
+                r.loss,
+                r.reward_accuracy,
+                r.grad_norm,
+                r.examples_per_second
+            );
+        }
+    }
+
+    fn println(&self, line: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -1,0 +1,211 @@
+//! The two-process path end to end: `ref-server` on an ephemeral port with a tiny random
+//! Llama, `policy-trainer train` against it on a small learnable preference set.
+//!
+//! Checks: the step-0 loss is ln 2 for every validation pair (policy == reference through
+//! gRPC); validation accuracy rises; `best/` holds the step with the highest accuracy and
+//! loads as a model; a killed run `--resume`s from its last checkpoint and reproduces the
+//! loss curve of an uninterrupted run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use dpo_common::model::{load_model, Mode};
+use dpo_common::testing::{workspace_root, write_tiny_checkpoint, TinySpec};
+use dpo_tests::{binary, read_jsonl, Server};
+use serde_json::Value;
+
+fn fixture() -> PathBuf {
+    workspace_root().join("tests/fixtures/prefs_small.jsonl")
+}
+
+fn trainer_args(model: &Path, url: &str, out: &Path, max_steps: usize) -> Vec<String> {
+    [
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--ref-server",
+        url,
+        "--data",
+        fixture().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--template",
+        "raw",
+        "--max-length",
+        "128",
+        "--val-size",
+        "16",
+        "--batch-size",
+        "8",
+        "--micro-batch",
+        "4",
+        "--lr",
+        "3e-3",
+        "--beta",
+        "0.5",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--epochs",
+        "3",
+        "--max-steps",
+        &max_steps.to_string(),
+        "--seed",
+        "7",
+        "--no-progress",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn kind(records: &[Value], k: &str) -> Vec<Value> {
+    records.iter().filter(|r| r["kind"] == k).cloned().collect()
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+#[test]
+fn trains_selects_best_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    write_tiny_checkpoint(&model, &TinySpec::default(), DType::F32, None).unwrap();
+    let server = Server::start(&model, &[], dir.path());
+
+    // An uninterrupted run of 10 steps.
+    let full = dir.path().join("full");
+    let out = Command::new(binary("policy-trainer"))
+        .args(trainer_args(&model, &server.url, &full, 10))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "trainer failed:\n{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("best/") || stdout.contains("best"), "{stdout}");
+
+    let records = read_jsonl(&full.join("metrics.jsonl"));
+    let evals = kind(&records, "eval");
+    let trains = kind(&records, "train");
+    assert_eq!(trains.len(), 10);
+    assert_eq!(evals.len(), 6, "evals at steps 0,2,4,6,8,10");
+
+    // Step 0: policy == reference, so every pair's loss is ln 2 (through gRPC).
+    let e0 = &evals[0];
+    assert_eq!(e0["step"], 0);
+    let ln2 = std::f64::consts::LN_2;
+    assert!((f(e0, "loss") - ln2).abs() < 1e-5, "step-0 loss {}", f(e0, "loss"));
+    assert!((f(e0, "loss_min") - ln2).abs() < 1e-5 && (f(e0, "loss_max") - ln2).abs() < 1e-5);
+    assert!((f(&trains[0], "loss") - ln2).abs() < 1e-5, "first step's training loss");
+
+    // Learning: accuracy rises and the loss falls.
+    let accs: Vec<f64> = evals.iter().map(|e| f(e, "reward_accuracy")).collect();
+    let best_acc = accs[1..].iter().cloned().fold(f64::MIN, f64::max);
+    assert!(best_acc >= 0.75, "validation accuracy never rose: {accs:?}");
+    assert!(f(evals.last().unwrap(), "loss") < ln2 - 0.05, "validation loss did not fall");
+
+    // best/ holds the first step reaching the highest accuracy (step 0 is not eligible).
+    let best_step = evals[1..]
+        .iter()
+        .find(|e| f(e, "reward_accuracy") == best_acc)
+        .map(|e| e["step"].as_u64().unwrap())
+        .unwrap();
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("best/best.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["step"].as_u64().unwrap(), best_step, "{meta}");
+    assert_eq!(meta["value"].as_f64().unwrap(), best_acc);
+    let best = load_model(&full.join("best"), Mode::Frozen, DType::F32, &Device::Cpu).unwrap();
+    assert_ne!(
+        best.fingerprint,
+        load_model(&model, Mode::Frozen, DType::F32, &Device::Cpu).unwrap().fingerprint,
+        "best/ must hold trained weights"
+    );
+
+    // Same run, crashed right after step 5 (its last checkpoint is step 4), then resumed.
+    let killed = dir.path().join("killed");
+    let crashed = Command::new(binary("policy-trainer"))
+        .args(trainer_args(&model, &server.url, &killed, 10))
+        .env("DPO_TEST_CRASH_AFTER_STEP", "5")
+        .output()
+        .unwrap();
+    assert!(!crashed.status.success(), "the crash hook did not fire");
+    let saved: Value = serde_json::from_str(
+        &std::fs::read_to_string(killed.join("last/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    let saved_step = saved["step"].as_u64().unwrap();
+    assert_eq!(saved_step, 4);
+    assert_eq!(kind(&read_jsonl(&killed.join("metrics.jsonl")), "train").len(), 5);
+
+    // Without --resume the trainer refuses to touch the run.
+    let refused = Command::new(binary("policy-trainer"))
+        .args(trainer_args(&model, &server.url, &killed, 10))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--resume"));
+
+    let mut args = trainer_args(&model, &server.url, &killed, 10);
+    args.push("--resume".into());
+    let out = Command::new(binary("policy-trainer")).args(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "resume failed:\n{stderr}");
+    assert!(stderr.contains(&format!("resuming at step {saved_step}")), "{stderr}");
+
+    // The resumed run's log is the uninterrupted run's: each step once, same losses.
+    let resumed = read_jsonl(&killed.join("metrics.jsonl"));
+    let rt = kind(&resumed, "train");
+    assert_eq!(rt.len(), 10, "one record per step after the resume");
+    for (a, b) in rt.iter().zip(&trains) {
+        assert_eq!(a["step"], b["step"]);
+        let (la, lb) = (f(a, "loss"), f(b, "loss"));
+        assert!((la - lb).abs() < 1e-4 * lb.abs().max(1.0), "step {}: {la} vs {lb}", a["step"]);
+    }
+    let re = kind(&resumed, "eval");
+    assert_eq!(re.len(), evals.len());
+    for (a, b) in re.iter().zip(&evals) {
+        assert_eq!(a["reward_accuracy"], b["reward_accuracy"], "eval at step {}", a["step"]);
+    }
+}
+
+#[test]
+fn refuses_a_different_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    let other = dir.path().join("other");
+    write_tiny_checkpoint(&model, &TinySpec::default(), DType::F32, None).unwrap();
+    write_tiny_checkpoint(&other, &TinySpec { seed: 2, ..TinySpec::default() }, DType::F32, None)
+        .unwrap();
+    let server = Server::start(&other, &[], dir.path());
+    let out = Command::new(binary("policy-trainer"))
+        .args(trainer_args(&model, &server.url, &dir.path().join("run"), 2))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("different model"), "{stderr}");
+    assert!(stderr.contains("--allow-different-reference"), "{stderr}");
+}
+
+#[test]
+fn unreachable_server_fails_after_the_timeout_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    write_tiny_checkpoint(&model, &TinySpec::default(), DType::F32, None).unwrap();
+    // A port nobody listens on: bind, read it, drop the listener.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut args = trainer_args(&model, &url, &dir.path().join("run"), 2);
+    args.extend(["--ref-timeout".into(), "2".into()]);
+    let started = Instant::now();
+    let out = Command::new(binary("policy-trainer")).args(&args).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&url) && stderr.contains("unreachable"), "{stderr}");
+    assert!(started.elapsed() >= Duration::from_secs(2), "gave up before --ref-timeout");
+}
