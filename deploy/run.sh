@@ -20,6 +20,7 @@
 #   --out DIR             run directory (default: runs/<date-time>)
 #   --ref-device DEV      reference device (default: cuda:0 with DPO_CUDA=1, else cpu)
 #   --device DEV          policy device (default: cuda:1 with DPO_CUDA=1, else cpu)
+#   --dtype D             f32|bf16|f16 for both models (default f32); --ref-dtype D: server only
 #   --listen ADDR:PORT    ref-server address (default 127.0.0.1:0 for `all`, 0.0.0.0:50051 for `ref`)
 #   --ref-server URL      (train) the server to use
 #   --auth-token-file F   bearer token file (server and client); or set DPO_AUTH_TOKEN
@@ -37,7 +38,7 @@ case ${1:-} in
   -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 
-model="" data="" hh_dir="" out="" ref_device="" device="" listen="" ref_server=""
+model="" data="" hh_dir="" out="" ref_device="" device="" listen="" ref_server="" dtype="" ref_dtype=""
 auth_file="" tls_cert="" tls_key="" tls_ca=""
 pass=()
 need() { [[ $# -ge 2 ]] || { echo "run.sh: $1 needs a value" >&2; exit 2; }; }
@@ -49,6 +50,8 @@ while [[ $# -gt 0 ]]; do
     --out) need "$@"; out=$2; shift 2 ;;
     --ref-device) need "$@"; ref_device=$2; shift 2 ;;
     --device) need "$@"; device=$2; shift 2 ;;
+    --dtype) need "$@"; dtype=$2; shift 2 ;;
+    --ref-dtype) need "$@"; ref_dtype=$2; shift 2 ;;
     --listen) need "$@"; listen=$2; shift 2 ;;
     --ref-server) need "$@"; ref_server=$2; shift 2 ;;
     --auth-token-file) need "$@"; auth_file=$2; shift 2 ;;
@@ -82,6 +85,7 @@ fi
 
 start_server_args() {
   server_args=(serve --model "$model" --device "$ref_device" --listen "$1")
+  [[ -n ${ref_dtype:-$dtype} ]] && server_args+=(--dtype "${ref_dtype:-$dtype}")
   [[ -n $auth_file ]] && server_args+=(--auth-token-file "$auth_file")
   [[ -n $tls_cert ]] && server_args+=(--tls-cert "$tls_cert")
   [[ -n $tls_key ]] && server_args+=(--tls-key "$tls_key")
@@ -124,6 +128,7 @@ out=${out:-runs/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
 
 train_args=(train --model "$model" --out "$out" --device "$device" "${data_args[@]}")
+[[ -n $dtype ]] && train_args+=(--dtype "$dtype")
 [[ -n $auth_file ]] && train_args+=(--auth-token-file "$auth_file")
 [[ -n $tls_ca ]] && train_args+=(--tls-ca "$tls_ca")
 

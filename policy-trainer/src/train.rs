@@ -226,7 +226,12 @@ pub fn run(args: TrainArgs) -> Result<RunSummary> {
 
     let mut optimizer = RmsProp::new(
         policy.vars(),
-        RmsPropConfig { lr: args.lr, weight_decay: args.weight_decay, ..RmsPropConfig::default() },
+        RmsPropConfig {
+            lr: args.lr,
+            weight_decay: args.weight_decay,
+            rounding_seed: args.seed,
+            ..RmsPropConfig::default()
+        },
     )?;
     let mut state = match resume_state {
         Some(state) => {

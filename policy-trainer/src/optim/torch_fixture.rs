@@ -39,6 +39,7 @@ fn rmsprop_matches_torch() {
             alpha: cfg["alpha"].as_f64().unwrap(),
             eps: cfg["eps"].as_f64().unwrap(),
             weight_decay: cfg["weight_decay"].as_f64().unwrap(),
+            ..RmsPropConfig::default()
         };
         let vars: Vec<Var> = case["params"]
             .as_array()
