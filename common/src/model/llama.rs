@@ -51,6 +51,16 @@ pub struct Llama {
     dtype: DType,
 }
 
+/// What every layer of one forward pass shares: the batch shape, the RoPE tables and the
+/// causal mask (see [`Llama::embed_tokens`]).
+pub struct LayerContext {
+    pub b: usize,
+    pub t: usize,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+}
+
 /// The Hugging Face names and shapes every Llama checkpoint of `cfg` must hold.
 pub fn expected_params(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i, v, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim);
@@ -216,6 +226,19 @@ impl Llama {
 
     /// The final-norm hidden states for token ids `[B, T]` (u32): `[B, T, hidden]`.
     pub fn hidden_states(&self, ids: &Tensor) -> Result<Tensor> {
+        let (mut x, ctx) = self.embed_tokens(ids)?;
+        for i in 0..self.layers.len() {
+            x = self.forward_layer(i, &x, &ctx)?;
+        }
+        let x = self.final_norm(&x)?;
+        Ok(x.reshape((ctx.b, ctx.t, self.cfg.hidden_size))?)
+    }
+
+    /// The first step of [`hidden_states`](Self::hidden_states), public so that callers can
+    /// run the layers one at a time (activation checkpointing, `model::recompute`): checks
+    /// the ids `[B, T]` and returns the embeddings `[B*T, H]` and the per-batch constants
+    /// every layer needs.
+    pub fn embed_tokens(&self, ids: &Tensor) -> Result<(Tensor, LayerContext)> {
         let (b, t) = ids.dims2()?;
         if t > self.cfg.max_position_embeddings {
             return Err(Error::Input(format!(
@@ -232,12 +255,26 @@ impl Llama {
         }
         let (cos, sin) = self.rope_tables(t)?;
         let mask = causal_mask(t, &self.device)?.to_dtype(self.dtype)?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [B*T, H]
-        for layer in &self.layers {
-            x = self.layer_forward(layer, &x, b, t, &cos, &sin, &mask)?;
-        }
-        let x = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
-        Ok(x.reshape((b, t, self.cfg.hidden_size))?)
+        let x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [B*T, H]
+        Ok((x, LayerContext { b, t, cos, sin, mask }))
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Decoder layer `i` on `x` `[B*T, H]`: `[B*T, H]`.
+    pub fn forward_layer(&self, i: usize, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
+        let layer = self.layers.get(i).ok_or_else(|| {
+            Error::Input(format!("layer {i} does not exist ({} layers)", self.layers.len()))
+        })?;
+        self.layer_forward(layer, x, ctx.b, ctx.t, &ctx.cos, &ctx.sin, &ctx.mask)
+    }
+
+    /// The final RMS norm, on hidden states `[.., H]`.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::rms_norm(x, &self.norm, self.cfg.rms_norm_eps)?)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -4,9 +4,11 @@ pub mod config;
 pub mod llama;
 pub mod load;
 pub mod ops;
+pub mod recompute;
 pub mod save;
 
 pub use config::{LlamaConfig, RopeScaling};
-pub use llama::{Llama, Mode};
+pub use llama::{LayerContext, Llama, Mode};
 pub use load::{load_checkpoint, load_model, parse_dtype, Checkpoint, LoadedModel};
+pub use recompute::{checkpointed_grads, CheckpointedGrads};
 pub use save::{save_hf, SaveOptions};
