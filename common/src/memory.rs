@@ -368,8 +368,18 @@ pub fn predict_peak_bytes(cfg: &LlamaConfig, mc: &MemoryConfig) -> MemoryPlan {
             };
             plan.logits = head;
             let embed_copy = v * h * wbytes;
-            plan.workspace =
-                (WORKSPACE_LARGEST_TENSORS * largest_layer_tensor).max(embed_copy).max(logit_grad);
+            // A plain backward also leaves in its store, until it is dropped, the gradient of
+            // each layer's broadcast causal mask: one [B, heads, T, T] tensor per layer
+            // (`model::recompute` drops them as it goes).
+            let mask_grads = if mc.checkpointing {
+                0
+            } else {
+                l * (b * cfg.num_attention_heads * t * t) as u64 * wbytes
+            };
+            plan.workspace = mask_grads
+                + (WORKSPACE_LARGEST_TENSORS * largest_layer_tensor)
+                    .max(embed_copy)
+                    .max(logit_grad);
         }
     }
     plan.total = plan.weights

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Sets up a CUDA 12 toolchain from PyPI (no system CUDA, no GPU needed) for building the
+# `cuda` feature: nvcc and the CUDA headers for candle-kernels' PTX build, plus the runtime
+# libraries (cuBLAS, cuRAND, NVRTC, cudart) that the binaries load on the GPU machine.
+# Everything goes into .cache/cuda-venv; a merged tree with the usual layout (bin/, include/,
+# lib64/, nvvm/) is made at .cache/cuda-venv/cuda.
+#
+#   deploy/cuda-setup.sh                 # install (once) and print the env exports
+#   eval "$(deploy/cuda-setup.sh)"       # ... and apply them to this shell
+#   deploy/cuda-setup.sh --build         # also: cargo build --release --features cuda
+#   CUDA_COMPUTE_CAP=80 deploy/cuda-setup.sh   # A100 (default 90: H100/H200)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=${DPO_CUDA_VENV:-$root/.cache/cuda-venv}
+cap=${CUDA_COMPUTE_CAP:-90}
+build=0
+for a in "$@"; do
+  case $a in
+    --build) build=1 ;;
+    *) echo "cuda-setup: unknown argument $a (expected --build)" >&2; exit 2 ;;
+  esac
+done
+
+# Version 12 throughout: cudarc's and candle-kernels' CUDA 12 code paths.
+pkgs=(nvidia-cuda-nvcc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12
+      nvidia-cuda-nvrtc-cu12 nvidia-cublas-cu12 nvidia-curand-cu12)
+if [[ ! -x $venv/cuda/bin/nvcc ]]; then
+  echo "cuda-setup: installing ${pkgs[*]} into $venv (about 1 GB, once)" >&2
+  python3 -m venv "$venv" >&2
+  "$venv/bin/pip" install --quiet "${pkgs[@]}" >&2
+  site=$("$venv/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+  cuda=$venv/cuda
+  rm -rf "$cuda"; mkdir -p "$cuda/bin" "$cuda/include" "$cuda/lib64"
+  # The wheels install one directory per component under site-packages/nvidia/.
+  for comp in "$site"/nvidia/*/; do
+    [[ -d $comp/bin ]] && for f in "$comp"/bin/*; do ln -sf "$f" "$cuda/bin/"; done
+    [[ -d $comp/include ]] && cp -rs "$comp"/include/. "$cuda/include/" 2>/dev/null || true
+    [[ -d $comp/lib ]] && for f in "$comp"/lib/*; do ln -sf "$f" "$cuda/lib64/"; done
+    [[ -d $comp/nvvm ]] && ln -sfn "$comp/nvvm" "$cuda/nvvm"
+  done
+  # Unversioned names for the linker (the wheels ship only libX.so.12).
+  for f in "$cuda"/lib64/*.so.*; do
+    base=${f%%.so.*}.so; [[ -e $base ]] || ln -s "$(basename "$f")" "$base"
+  done
+  [[ -x $cuda/bin/nvcc ]] || { echo "cuda-setup: nvcc missing after install" >&2; exit 1; }
+fi
+
+cuda=$venv/cuda
+exports="export CUDA_ROOT=$cuda CUDA_PATH=$cuda CUDA_HOME=$cuda CUDA_TOOLKIT_ROOT_DIR=$cuda
+export PATH=$cuda/bin:\$PATH
+export LD_LIBRARY_PATH=$cuda/lib64:\${LD_LIBRARY_PATH:-}
+export CUDA_COMPUTE_CAP=$cap"
+echo "$exports"
+"$cuda/bin/nvcc" --version >&2
+
+if [[ $build == 1 ]]; then
+  eval "$exports"
+  cd "$root"
+  cargo build --release --features cuda -p ref-server -p policy-trainer >&2
+fi
