@@ -7,6 +7,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod fingerprint;
+pub mod generate;
 pub mod gguf;
 pub mod logprob;
 pub mod memory;

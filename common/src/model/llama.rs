@@ -341,3 +341,165 @@ fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
         .collect();
     Ok(Tensor::from_vec(m, (t, t), device)?)
 }
+
+// ---------------------------------------------------------------------------------------
+// Incremental forward with a key/value cache, for generation (`generate`). Kept apart from
+// `layer_forward` so the training forward stays exactly as it is; the arithmetic per layer
+// is the same (same ops, same GQA layout), only the keys and values span the cache too.
+
+/// The keys and values every layer has seen so far, `[B, kv_heads, S, head_dim]` each.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        KvCache::default()
+    }
+
+    /// Number of cached positions (columns), 0 when empty.
+    pub fn len(&self) -> usize {
+        self.layers.first().map(|(k, _)| k.dims()[2]).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps only the batch rows `rows` (in that order), e.g. to drop finished sequences.
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if self.layers.is_empty() {
+            return Ok(());
+        }
+        let device = self.layers[0].0.device().clone();
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::from_vec(idx, rows.len(), &device)?;
+        for (k, v) in self.layers.iter_mut() {
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
+}
+
+impl Llama {
+    /// Runs `ids` `[B, T]` (u32) at RoPE `positions` `[B, T]` (u32) on top of `cache`, and
+    /// appends their keys and values to it. `mask` `[B, T, S + T]` (S = `cache.len()`) is
+    /// additive (0 = attend, -inf = not): it carries causality and padding, so batches may be
+    /// padded on either side. Every query row must be allowed at least one key (a pad may
+    /// attend to itself), or softmax yields NaN. Returns final-norm hidden states `[B, T, H]`.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let s = cache.len();
+        if mask.dims() != [b, t, s + t] || positions.dims() != [b, t] {
+            return Err(Error::Input(format!(
+                "forward_cached: ids {:?}, positions {:?} and mask {:?} do not fit a cache of {s} \
+                 positions",
+                ids.dims(),
+                positions.dims(),
+                mask.dims()
+            )));
+        }
+        let pos: Vec<Vec<u32>> = positions.to_vec2::<u32>()?;
+        let max_pos = pos.iter().flatten().copied().max().unwrap_or(0) as usize;
+        if max_pos >= self.cfg.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "position {max_pos} exceeds the model's maximum of {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max_id as usize >= self.cfg.vocab_size {
+            return Err(Error::Input(format!(
+                "token id {max_id} is out of range for a vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let (cos, sin) = self.rope_tables(max_pos + 1)?;
+        // Per-row tables [T, half]: rows of a left-padded batch sit at different positions.
+        let mut rows = Vec::with_capacity(b);
+        for p in &pos {
+            let idx = Tensor::from_vec(p.clone(), t, &self.device)?;
+            rows.push((cos.index_select(&idx, 0)?, sin.index_select(&idx, 0)?));
+        }
+        let mask = mask.to_dtype(self.dtype)?.reshape((b, 1, 1, t, s + t))?;
+        let fresh = cache.layers.is_empty();
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [B*T, H]
+        for (i, layer) in self.layers.iter().enumerate() {
+            let past = if fresh { None } else { Some(&cache.layers[i]) };
+            let (out, kv) = self.layer_forward_cached(layer, &x, b, t, &rows, &mask, past)?;
+            x = out;
+            if fresh {
+                cache.layers.push(kv);
+            } else {
+                cache.layers[i] = kv;
+            }
+        }
+        let x = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(x.reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// RoPE with a table per batch row: `x` `[B, T, heads, d]`.
+    fn rope_rows(&self, x: &Tensor, rows: &[(Tensor, Tensor)]) -> Result<Tensor> {
+        if rows.len() == 1 {
+            return Ok(ops::rope(x, &rows[0].0, &rows[0].1)?);
+        }
+        let parts = rows
+            .iter()
+            .enumerate()
+            .map(|(i, (c, s))| ops::rope(&x.narrow(0, i, 1)?, c, s))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward_cached(
+        &self,
+        l: &Layer,
+        x: &Tensor, // [B*T, H]
+        b: usize,
+        t: usize,
+        rope: &[(Tensor, Tensor)],
+        mask: &Tensor, // [B, 1, 1, T, S+T]
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let cfg = &self.cfg;
+        let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let rep = nh / nkv;
+
+        let hn = ops::rms_norm(x, &l.input_norm, cfg.rms_norm_eps)?;
+        let q = hn.matmul(&l.q.t()?)?.reshape((b, t, nh, d))?;
+        let k = hn.matmul(&l.k.t()?)?.reshape((b, t, nkv, d))?;
+        let v = hn.matmul(&l.v.t()?)?.reshape((b, t, nkv, d))?;
+        let q = self.rope_rows(&q, rope)?.affine(1.0 / (d as f64).sqrt(), 0.0)?;
+        let k = self.rope_rows(&k, rope)?;
+        let q = q.transpose(1, 2)?.contiguous()?.reshape((b, nkv, rep * t, d))?;
+        let k = k.transpose(1, 2)?.contiguous()?; // [B, nkv, T, d]
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (k, v) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        }; // [B, nkv, S+T, d]
+        let st = k.dims()[2];
+        let scores = q.matmul(&k.t()?)?.reshape((b, nkv, rep, t, st))?;
+        let probs = ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
+        let probs = probs.reshape((b, nkv, rep * t, st))?;
+        let attn = probs.matmul(&v)?; // [B, nkv, rep*T, d]
+        let attn = attn.reshape((b, nh, t, d))?.transpose(1, 2)?.contiguous()?;
+        let attn = attn.reshape((b * t, nh * d))?.matmul(&l.o.t()?)?;
+        let x = (x + attn)?;
+
+        let hn = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;
+        let gate = hn.matmul(&l.gate.t()?)?;
+        let up = hn.matmul(&l.up.t()?)?;
+        let mlp = (gate.silu()? * up)?.matmul(&l.down.t()?)?;
+        Ok(((x + mlp)?, (k, v)))
+    }
+}
