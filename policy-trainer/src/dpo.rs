@@ -109,11 +109,18 @@ pub struct DpoStats {
     loss_max: f64,
     chosen_reward_sum: f64,
     rejected_reward_sum: f64,
-    /// Pairs with chosen reward > rejected reward (ties are wrong).
+    /// Pairs with chosen reward > rejected reward by more than [`TIE_NATS`] (ties are wrong).
     reward_correct: usize,
     /// Pairs with π_c > π_r (ties are wrong).
     logp_correct: usize,
 }
+
+/// Implicit-reward margins (in nats of log-prob, before β) up to this size count as ties,
+/// and ties as wrong: the policy and the reference compute their log-probs in different
+/// processes and batch layouts, so even identical weights differ by ~1e-7 nats in f32. Without
+/// this, the step-0 accuracy (policy = reference) would be a coin toss on rounding noise
+/// instead of 0.
+pub const TIE_NATS: f64 = 1e-4;
 
 impl DpoStats {
     /// Adds one pair given its policy log-probs and reference scores.
@@ -128,7 +135,9 @@ impl DpoStats {
             loss_max: loss,
             chosen_reward_sum: chosen_reward,
             rejected_reward_sum: rejected_reward,
-            reward_correct: usize::from(chosen_reward > rejected_reward),
+            reward_correct: usize::from(
+                (policy_chosen - refs.chosen) - (policy_rejected - refs.rejected) > TIE_NATS,
+            ),
             logp_correct: usize::from(policy_chosen > policy_rejected),
         });
     }
@@ -227,6 +236,22 @@ mod tests {
     fn naive(pc: f64, pr: f64, r: RefScores, beta: f64) -> f64 {
         let x = beta * ((pc - r.chosen) - (pr - r.rejected));
         -(1.0 / (1.0 + (-x).exp())).ln()
+    }
+
+    #[test]
+    fn rounding_noise_margins_are_ties_and_real_margins_count() {
+        // Reference scores off by float noise (1e-7 nats) from the policy's: ties, wrong.
+        let (c, r) = vars(&[-10.0, -10.0, -10.0], &[-12.0, -12.0, -12.0]);
+        let refs = [
+            RefScores { chosen: -10.0 - 1e-7, rejected: -12.0 },
+            RefScores { chosen: -10.0 - 2e-4, rejected: -12.0 },
+            RefScores { chosen: -10.0 + 2e-4, rejected: -12.0 },
+        ];
+        let out = dpo_loss(c.as_tensor(), r.as_tensor(), &refs, 0.1).unwrap();
+        assert!(
+            (out.stats.reward_accuracy() - 1.0 / 3.0).abs() < 1e-12,
+            "only the 2e-4 win counts"
+        );
     }
 
     #[test]

@@ -101,6 +101,7 @@ fn trains_selects_best_and_resumes() {
     assert!((f(e0, "loss") - ln2).abs() < 1e-5, "step-0 loss {}", f(e0, "loss"));
     assert!((f(e0, "loss_min") - ln2).abs() < 1e-5 && (f(e0, "loss_max") - ln2).abs() < 1e-5);
     assert!((f(&trains[0], "loss") - ln2).abs() < 1e-5, "first step's training loss");
+    assert_eq!(f(e0, "reward_accuracy"), 0.0, "step 0: every margin is a tie (wrong)");
 
     // Learning: accuracy rises and the loss falls.
     let accs: Vec<f64> = evals.iter().map(|e| f(e, "reward_accuracy")).collect();
