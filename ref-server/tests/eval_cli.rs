@@ -98,6 +98,15 @@ fn every_subcommand_writes_its_report_and_outputs() {
     assert_eq!(lines.len(), 3);
     assert!(lines.iter().all(|l| l["prompts_final"].is_string() && l["output"].is_string()));
 
+    let mut a = vec!["mmlu", "--by-logprob", "--per-subject", "1"];
+    a.extend(common_args(m, mmlu.to_str().unwrap(), p("mmlu_one.json")));
+    eval(&a);
+    let r = read_json(&d.join("mmlu_one.json"));
+    assert_eq!(
+        (r["groups"]["anatomy"]["n"].as_f64(), r["metrics"]["n"].as_f64()),
+        (Some(1.0), Some(2.0))
+    );
+
     let cmp = eval(&["compare", p("mmlu_gen.json"), p("mmlu_lp.json")]);
     assert!(cmp.contains("accuracy") && cmp.contains("anatomy/accuracy"), "{cmp}");
 }

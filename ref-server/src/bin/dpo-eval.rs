@@ -45,6 +45,10 @@ enum Command {
         /// log-prob instead of generating.
         #[arg(long)]
         by_logprob: bool,
+        /// Keep only the first N questions of each subject (before --limit): a small
+        /// sample that still covers every subject.
+        #[arg(long)]
+        per_subject: Option<usize>,
     },
     /// AlpacaEval (JSON list with `instruction`): outputs for the official `alpaca_eval`,
     /// and with --judge-server a local pairwise win rate vs --reference-outputs.
@@ -220,8 +224,17 @@ fn run(cli: Cli) -> Result<()> {
             let ev = args.load()?;
             finish(&run::gsm8k(&ev, &examples)?, &args.out)
         }
-        Command::Mmlu { args, by_logprob } => {
-            let examples = take(data::read_mmlu(&args.input)?, args.limit)?;
+        Command::Mmlu { args, by_logprob, per_subject } => {
+            let mut examples = data::read_mmlu(&args.input)?;
+            if let Some(k) = per_subject {
+                let mut seen = std::collections::HashMap::<String, usize>::new();
+                examples.retain(|e| {
+                    let c = seen.entry(e.subject.clone()).or_default();
+                    *c += 1;
+                    *c <= k
+                });
+            }
+            let examples = take(examples, args.limit)?;
             let ev = args.load()?;
             finish(&run::mmlu(&ev, &examples, by_logprob)?, &args.out)
         }
