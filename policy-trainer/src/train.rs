@@ -16,6 +16,7 @@ use candle_core::Tensor;
 use dpo_common::data::{self, EncodedPair, PreferencePair};
 use dpo_common::device::parse_device;
 use dpo_common::logprob::response_logprobs;
+use dpo_common::memory;
 use dpo_common::model::{load_model, parse_dtype, Llama, LoadedModel, Mode};
 use dpo_proto::client::ClientOptions;
 use sha2::{Digest, Sha256};
@@ -227,6 +228,8 @@ pub fn run(args: TrainArgs) -> Result<RunSummary> {
         args.epochs
     );
 
+    check_memory(&args, &policy, &device, dtype, &train_set, &val_set)?;
+
     let mut optimizer = RmsProp::new(
         policy.vars(),
         RmsPropConfig {
@@ -369,6 +372,32 @@ pub fn run(args: TrainArgs) -> Result<RunSummary> {
             .map(|(step, v)| (step, v, args.select_metric.name().to_string())),
         final_eval: run.last_eval,
     })
+}
+
+/// Prints the memory model's prediction for this run's peak and refuses, before any
+/// training step, a run that cannot fit in the memory the device has free.
+fn check_memory(
+    args: &TrainArgs,
+    policy: &Llama,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    train: &[EncodedPair],
+    val: &[EncodedPair],
+) -> Result<()> {
+    let longest = train.iter().chain(val).map(EncodedPair::max_len).max().unwrap_or(0);
+    let config = memory::MemoryConfig::policy(device, dtype, args.micro_batch, longest, false);
+    let plan = memory::predict_peak_bytes(policy.config(), &config);
+    eprintln!(
+        "predicted peak memory of the policy (micro-batch {}, {longest} tokens):\n{plan}",
+        args.micro_batch
+    );
+    if let Some(free) = memory::available_bytes(device) {
+        // The weights are loaded already: they are in the plan but no longer in `free`.
+        let held = if device.is_cpu() { memory::rss_bytes().unwrap_or(0) } else { 0 };
+        memory::check_fits(&plan, free + held.min(plan.total))
+            .context("the policy would run out of memory")?;
+    }
+    Ok(())
 }
 
 /// Crash injection for the resume tests: `DPO_TEST_CRASH_AFTER_STEP=N` aborts the process
