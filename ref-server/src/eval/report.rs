@@ -60,7 +60,13 @@ impl Report {
     pub fn table(&self) -> String {
         let mut s =
             format!("{} · {} ({} examples)\n", self.benchmark, self.model, self.examples.len());
-        let rows = self.rows();
+        // A long per-group list (57 MMLU subjects) would bury the headline: the report has it.
+        let rows: Vec<(String, f64)> = if self.groups.len() > 12 {
+            s += &format!("  ({} per-group numbers in the report)\n", self.groups.len());
+            self.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect()
+        } else {
+            self.rows()
+        };
         let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(6).max(6);
         for (k, v) in rows {
             s += &format!("  {k:<w$}  {}\n", fmt_value(&k, v));
@@ -72,7 +78,7 @@ impl Report {
 fn fmt_value(key: &str, v: f64) -> String {
     if v.is_nan() {
         "—".into()
-    } else if key.ends_with("_n") || key == "n" || key.ends_with("count") {
+    } else if key == "n" || key.ends_with("/n") || key.ends_with("_n") {
         format!("{v:.0}")
     } else if key.ends_with("seconds") || key.contains("per_second") || key.contains("mean_") {
         format!("{v:.3}")
@@ -116,4 +122,39 @@ pub fn compare(a: &Report, b: &Report, a_name: &str, b_name: &str) -> String {
         s += &format!("  {k:<w$}  {:>wa$}  {:>wb$}  {delta:>10}\n", cell(&ra), cell(&rb));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_and_compare_format_counts_and_fractions() {
+        let mut a = Report {
+            benchmark: "mmlu".into(),
+            model: "sft".into(),
+            fingerprint: "f".into(),
+            input: "i".into(),
+            settings: BTreeMap::new(),
+            metrics: BTreeMap::from([("accuracy".into(), 0.25), ("n".into(), 4.0)]),
+            groups: BTreeMap::from([(
+                "anatomy".into(),
+                BTreeMap::from([("accuracy".into(), 0.5), ("n".into(), 2.0)]),
+            )]),
+            examples: vec![],
+        };
+        let t = a.table();
+        assert!(t.contains("accuracy  25.00%") || t.contains("25.00%"), "{t}");
+        assert!(t.contains("anatomy/n") && t.contains(" 2\n"), "{t}");
+        let mut b = a.clone();
+        b.metrics.insert("accuracy".into(), 0.5);
+        let c = compare(&a, &b, "sft", "dpo");
+        let line = c.lines().find(|l| l.trim_start().starts_with("accuracy")).unwrap();
+        assert!(
+            line.contains("25.00%") && line.contains("50.00%") && line.contains("+25.00%"),
+            "{c}"
+        );
+        a.groups.clear();
+        assert!(!a.table().contains("anatomy"));
+    }
 }
