@@ -6,7 +6,10 @@
 //!   roughly arrival order, and a large request can delay a small one only until it is
 //!   done, never indefinitely;
 //! * around that anchor, sequences of similar length are grouped (sorted by length within
-//!   a window of the oldest requests), so little compute goes to padding.
+//!   a window of the oldest requests), and a neighbour joins only while real tokens stay at
+//!   least `min_fill` of the padded tokens: padding is pure waste (on a CPU, batching gains
+//!   little over one sequence at a time, so `min_fill` near 1 is right there; on a GPU a
+//!   lower value buys larger batches).
 //!
 //! Memory is bounded: a request first takes its token count from a semaphore of
 //! `max_queued_tokens`, and waits there while the queue is full.
@@ -56,11 +59,11 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts the batcher thread, which takes ownership of `model`.
-    pub fn spawn(model: Llama, batch_token_budget: usize, max_queued_tokens: usize) -> Batcher {
+    pub fn spawn(model: Llama, plan: Plan, max_queued_tokens: usize) -> Batcher {
         let (tx, rx) = mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("batcher".into())
-            .spawn(move || run(model, batch_token_budget, rx))
+            .spawn(move || run(model, plan, rx))
             .expect("cannot start the batcher thread");
         Batcher {
             tx,
@@ -91,7 +94,16 @@ impl Batcher {
     }
 }
 
-fn run(model: Llama, budget: usize, mut rx: mpsc::UnboundedReceiver<Job>) {
+/// How forward passes are formed.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Most padded tokens (sequences × longest sequence) per pass.
+    pub budget: usize,
+    /// Least fraction of a pass's padded tokens that must be real tokens.
+    pub min_fill: f64,
+}
+
+fn run(model: Llama, plan: Plan, mut rx: mpsc::UnboundedReceiver<Job>) {
     let mut queue: VecDeque<Job> = VecDeque::new();
     loop {
         if queue.is_empty() {
@@ -108,7 +120,7 @@ fn run(model: Llama, budget: usize, mut rx: mpsc::UnboundedReceiver<Job>) {
         if queue.is_empty() {
             continue;
         }
-        let batch = plan_batch(&queue, budget);
+        let batch = plan_batch(&queue, plan);
         let seqs: Vec<Sequence> = batch.iter().map(|&(j, s)| queue[j].seqs[s].clone()).collect();
         let started = std::time::Instant::now();
         match forward(&model, &seqs) {
@@ -181,18 +193,19 @@ const WINDOW_BUDGETS: usize = 4;
 /// Picks the sequences of the next forward pass as (job index, sequence index) pairs: the
 /// first unscored sequence of the oldest job, plus its nearest neighbours by length within
 /// the window while the padded size stays within `budget`. Never empty when a job waits.
-fn plan_batch(queue: &VecDeque<Job>, budget: usize) -> Vec<(usize, usize)> {
+fn plan_batch(queue: &VecDeque<Job>, p: Plan) -> Vec<(usize, usize)> {
     let lens: Vec<Vec<Option<usize>>> = queue
         .iter()
         .map(|j| {
             j.seqs.iter().zip(&j.results).map(|(s, r)| r.is_none().then_some(s.ids.len())).collect()
         })
         .collect();
-    plan(&lens, budget)
+    plan(&lens, p)
 }
 
 /// [`plan_batch`] over just the lengths of unscored sequences (`None` = already scored).
-fn plan(lens: &[Vec<Option<usize>>], budget: usize) -> Vec<(usize, usize)> {
+fn plan(lens: &[Vec<Option<usize>>], p: Plan) -> Vec<(usize, usize)> {
+    let budget = p.budget;
     let mut window: Vec<(usize, usize, usize)> = Vec::new(); // (len, job, seq)
     let mut tokens = 0;
     for (j, job) in lens.iter().enumerate() {
@@ -210,13 +223,19 @@ fn plan(lens: &[Vec<Option<usize>>], budget: usize) -> Vec<(usize, usize)> {
     window.sort_unstable();
     let pos = window.binary_search(&anchor).expect("anchor is in the window");
     let (mut lo, mut hi) = (pos, pos);
+    let mut real = window[pos].0;
+    let fits = |n: usize, longest: usize, real: usize| {
+        n * longest <= budget && real as f64 >= p.min_fill * (n * longest) as f64
+    };
     loop {
         let n = hi - lo + 1;
-        // Shorter neighbours cost no extra padding; take them first.
-        if lo > 0 && (n + 1) * window[hi].0 <= budget {
+        // Shorter neighbours do not raise the padded length; try them first.
+        if lo > 0 && fits(n + 1, window[hi].0, real + window[lo - 1].0) {
             lo -= 1;
-        } else if hi + 1 < window.len() && (n + 1) * window[hi + 1].0 <= budget {
+            real += window[lo].0;
+        } else if hi + 1 < window.len() && fits(n + 1, window[hi + 1].0, real + window[hi + 1].0) {
             hi += 1;
+            real += window[hi].0;
         } else {
             break;
         }
@@ -236,7 +255,7 @@ mod tests {
     fn oldest_request_always_progresses_within_budget() {
         // A big old request and a small new one: the old one's first sequence leads.
         let lens = vec![some(&[50; 40]), some(&[10])];
-        let b = plan(&lens, 200);
+        let b = plan(&lens, Plan { budget: 200, min_fill: 0.0 });
         assert!(b.contains(&(0, 0)));
         assert!(b.len() * 50 <= 200);
     }
@@ -244,16 +263,25 @@ mod tests {
     #[test]
     fn groups_similar_lengths() {
         let lens = vec![some(&[10, 100, 11]), some(&[12, 99])];
-        let b = plan(&lens, 40);
+        let b = plan(&lens, Plan { budget: 40, min_fill: 0.0 });
         let mut got: Vec<_> = b.iter().map(|&(j, s)| lens[j][s].unwrap()).collect();
         got.sort();
         assert_eq!(got, vec![10, 11, 12]);
     }
 
     #[test]
+    fn min_fill_keeps_padding_down() {
+        let lens = vec![some(&[100, 10, 95, 12])];
+        let b = plan(&lens, Plan { budget: 1000, min_fill: 0.9 });
+        let mut got: Vec<_> = b.iter().map(|&(j, s)| lens[j][s].unwrap()).collect();
+        got.sort();
+        assert_eq!(got, vec![95, 100]);
+    }
+
+    #[test]
     fn an_oversized_sequence_still_runs_alone() {
         let lens = vec![vec![None, Some(500)], some(&[3, 3])];
-        assert_eq!(plan(&lens, 100), vec![(0, 1)]);
+        assert_eq!(plan(&lens, Plan { budget: 100, min_fill: 0.0 }), vec![(0, 1)]);
     }
 
     #[test]
@@ -261,7 +289,7 @@ mod tests {
         let mut lens = vec![some(&[7, 30, 2, 2, 64]), some(&[5; 9]), some(&[64, 1])];
         let mut passes = 0;
         while lens.iter().any(|j| j.iter().any(Option::is_some)) {
-            let b = plan(&lens, 64);
+            let b = plan(&lens, Plan { budget: 64, min_fill: 0.8 });
             assert!(!b.is_empty());
             for (j, s) in b {
                 assert!(lens[j][s].take().is_some(), "scheduled twice");

@@ -20,6 +20,11 @@ pub struct LimitArgs {
     /// Padded tokens (sequences × longest sequence) per forward pass.
     #[arg(long, default_value_t = 8_192)]
     pub batch_token_budget: usize,
+    /// Least fraction of real (non-padding) tokens in a forward pass: sequences of very
+    /// different lengths are not batched together below it. Near 1 suits CPUs; lower it
+    /// on a GPU for larger batches.
+    #[arg(long, default_value_t = 0.9)]
+    pub min_batch_fill: f64,
     /// Most tokens waiting to be scored across all requests; further requests wait for
     /// room (bounds memory under load) [default: 4 × --max-tokens-per-request].
     #[arg(long)]
@@ -27,13 +32,14 @@ pub struct LimitArgs {
 }
 
 /// Validated limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     pub max_tokens_per_item: usize,
     pub max_tokens_per_request: usize,
     pub max_items_per_request: usize,
     pub max_message_bytes: usize,
     pub batch_token_budget: usize,
+    pub min_batch_fill: f64,
     pub max_queued_tokens: usize,
 }
 
@@ -46,6 +52,7 @@ impl LimitArgs {
             max_items_per_request: 4_096,
             max_message_bytes: 64 << 20,
             batch_token_budget: 8_192,
+            min_batch_fill: 0.9,
             max_queued_tokens: None,
         }
     }
@@ -61,12 +68,17 @@ impl LimitArgs {
             max_items_per_request: self.max_items_per_request,
             max_message_bytes: self.max_message_bytes,
             batch_token_budget: self.batch_token_budget,
+            min_batch_fill: self.min_batch_fill,
             max_queued_tokens: self
                 .max_queued_tokens
                 .unwrap_or(self.max_tokens_per_request.saturating_mul(4)),
         };
         let checks = [
             (limits.max_tokens_per_item >= 2, "--max-tokens-per-item must be at least 2"),
+            (
+                (0.0..=1.0).contains(&limits.min_batch_fill),
+                "--min-batch-fill must be between 0 and 1",
+            ),
             (limits.max_items_per_request >= 1, "--max-items-per-request must be at least 1"),
             (limits.max_message_bytes >= 1024, "--max-message-bytes must be at least 1024"),
             (

@@ -13,7 +13,7 @@ use dpo_common::model::Mode;
 use dpo_common::tokenizer::LlamaTokenizer;
 use dpo_proto::v1;
 
-use crate::batcher::{BatchError, Batcher};
+use crate::batcher::{BatchError, Batcher, Plan};
 use crate::config::{LimitArgs, Limits};
 use crate::validation::{Invalid, Validator};
 
@@ -86,8 +86,8 @@ impl Engine {
             "model loaded in {:.1}s",
             started.elapsed().as_secs_f64()
         );
-        let batcher =
-            Batcher::spawn(loaded.model, limits.batch_token_budget, limits.max_queued_tokens);
+        let plan = Plan { budget: limits.batch_token_budget, min_fill: limits.min_batch_fill };
+        let batcher = Batcher::spawn(loaded.model, plan, limits.max_queued_tokens);
         Ok(Engine {
             info,
             tokenizer: loaded.tokenizer,

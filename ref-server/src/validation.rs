@@ -185,6 +185,7 @@ mod tests {
             max_items_per_request: 3,
             max_message_bytes: 1 << 20,
             batch_token_budget: 64,
+            min_batch_fill: 0.9,
             max_queued_tokens: 1000,
         }
     }
