@@ -34,6 +34,10 @@ pub struct ServeOptions {
 const REFERENCE_SERVICE: &str = "dpo.v1.Reference";
 
 pub async fn serve(opts: ServeOptions) -> Result<()> {
+    // A mistyped path fails before the address is announced; loading itself runs after.
+    if !opts.model.exists() {
+        anyhow::bail!("the model {} does not exist", opts.model.display());
+    }
     // Installed before the address is announced, so a SIGTERM right after start-up is
     // already a graceful shutdown rather than the default kill.
     let shutdown_requested = shutdown_signal()?;
