@@ -148,11 +148,22 @@ trainer_pid=""
 # outlives it. Both children run in the background and the script `wait`s on them, so a
 # signal is handled at once instead of after the trainer finishes.
 stop_children() {
+  # A second Ctrl-C or kill during clean-up must not cut it short and orphan the server.
+  trap '' INT TERM
+  local pids=() pid
   for pid in $trainer_pid $server_pid; do
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid" 2>/dev/null || true
-      wait "$pid" 2>/dev/null || true
-    fi
+    kill -0 "$pid" 2>/dev/null && pids+=("$pid") && kill -TERM "$pid" 2>/dev/null
+  done
+  # The server finishes in-flight requests first; give it 30 s, then force it.
+  for _ in $(seq 1 60); do
+    local alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [[ $alive == 0 ]] && break
+    sleep 0.5
+  done
+  for pid in "${pids[@]}"; do
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
   done
 }
 trap stop_children EXIT

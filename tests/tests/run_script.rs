@@ -1,7 +1,7 @@
 //! `deploy/run.sh` itself, as a user runs it (with a tiny model and the binaries this test
 //! build made, via `DPO_BIN_DIR`): a short run leaves its outputs and no process behind; a
 //! failing trainer's exit status is the script's, again with nothing left running; a script
-//! killed mid-run takes its server and trainer with it.
+//! killed mid-run (even twice) takes its server and trainer with it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -110,7 +110,11 @@ fn killing_the_script_stops_the_server_and_the_trainer() {
         assert!(child.try_wait().unwrap().is_none(), "run.sh ended early");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Twice, as an impatient user or a supervisor would: clean-up must still finish.
     sigterm(child.id());
+    std::thread::sleep(Duration::from_millis(50));
+    // (It may be gone already: then this one is refused, which is fine.)
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(143), "run.sh should exit 128+SIGTERM");
     assert_eq!(processes_mentioning(dir.path()), Vec::<String>::new());
