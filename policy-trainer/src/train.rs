@@ -306,8 +306,10 @@ pub fn run(args: TrainArgs) -> Result<RunSummary> {
         let batch: Vec<EncodedPair> =
             order[state.epoch_position..end].iter().map(|&i| train_set[i].clone()).collect();
         // Keep the server busy with what comes next while the policy works on this batch.
+        // The batch itself goes first (cached pairs are skipped): the server answers roughly
+        // in request order, and this batch is what the policy waits on now.
         let ahead_end = (end + args.ref_prefetch).min(train_set.len());
-        scorer.prefetch(order[end..ahead_end].iter().map(|&i| &train_set[i]));
+        scorer.prefetch(order[state.epoch_position..ahead_end].iter().map(|&i| &train_set[i]));
 
         let mut stats = dpo::DpoStats::default();
         for micro in batch.chunks(args.micro_batch) {
@@ -387,10 +389,7 @@ fn check_memory(
     let longest = train.iter().chain(val).map(EncodedPair::max_len).max().unwrap_or(0);
     let config = memory::MemoryConfig::policy(device, dtype, args.micro_batch, longest, false);
     let plan = memory::predict_peak_bytes(policy.config(), &config);
-    eprintln!(
-        "predicted peak memory of the policy (micro-batch {}, {longest} tokens):\n{plan}",
-        args.micro_batch
-    );
+    eprintln!("policy, micro-batch {} of {longest}-token pairs: {plan}", args.micro_batch);
     if let Some(free) = memory::available_bytes(device) {
         // The weights are loaded already: they are in the plan but no longer in `free`.
         let held = if device.is_cpu() { memory::rss_bytes().unwrap_or(0) } else { 0 };

@@ -48,7 +48,10 @@ impl GradAccumulator {
             found.push(g);
         }
         for (acc, g) in self.grads.iter_mut().zip(found) {
-            *acc = (&*acc + g.to_dtype(DType::F32)?)?;
+            // candle's gradients are built from the forward's tensors and still carry their
+            // graph: detached, the sums (and the optimizer state computed from them) hold
+            // values only, not every micro-batch's activations for the rest of the run.
+            *acc = (&*acc + g.detach().to_dtype(DType::F32)?)?;
         }
         self.count += 1;
         Ok(())
@@ -122,6 +125,25 @@ pub fn clip_grad_norm(acc: &mut GradAccumulator, max_norm: f64) -> Result<f64> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn sums_hold_values_not_the_graph() {
+        // The gradient of a·a depends on `a` itself, so candle's gradient tensor carries
+        // graph; kept in the sums, it would keep every micro-batch's activations alive.
+        let (a, b) = setup();
+        let loss = (a.as_tensor().sqr().unwrap().sum_all().unwrap()
+            + b.as_tensor().sqr().unwrap().sum_all().unwrap())
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(
+            grads.get(a.as_tensor()).unwrap().track_op(),
+            "premise: candle's grads are tracked"
+        );
+        let mut acc = GradAccumulator::new(&[a.clone(), b.clone()]).unwrap();
+        acc.add(&grads).unwrap();
+        acc.add(&grads).unwrap();
+        assert!(acc.grads().iter().all(|g| !g.track_op()));
+    }
 
     fn setup() -> (Var, Var) {
         let a = Var::from_vec(vec![1.0f32, -2.0, 3.0], 3, &Device::Cpu).unwrap();

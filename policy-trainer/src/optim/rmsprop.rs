@@ -120,7 +120,8 @@ impl RmsProp {
             } else {
                 g.clone()
             };
-            *v = (v.affine(alpha, 0.0)? + g.sqr()?.affine(1.0 - alpha, 0.0)?)?;
+            let g = g.detach();
+            *v = (v.affine(alpha, 0.0)? + g.sqr()?.affine(1.0 - alpha, 0.0)?)?.detach();
             let avg = (v.sqrt()? + cfg.eps)?;
             let update = (g / avg)?.affine(-cfg.lr, 0.0)?;
             let new = match var.dtype() {
@@ -304,6 +305,16 @@ mod tests {
             (moved_bf16 - moved_f32).abs() < 0.05 * moved_f32,
             "bf16 moved {moved_bf16}, f32 {moved_f32}"
         );
+    }
+
+    #[test]
+    fn state_holds_values_not_the_graph() {
+        let vars = params();
+        let mut opt =
+            RmsProp::new(&vars, RmsPropConfig { lr: 0.01, ..Default::default() }).unwrap();
+        opt.step(&grads(&vars, 0)).unwrap();
+        opt.step(&grads(&vars, 1)).unwrap();
+        assert!(opt.square_avg.iter().all(|v| !v.track_op()));
     }
 
     #[test]
