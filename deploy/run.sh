@@ -121,7 +121,7 @@ else
   # The shipped set trains visibly in minutes on a CPU; these defaults size the run for it
   # (any of them can be overridden on the command line: later flags win).
   data_args=(--data deploy/data/default_prefs.jsonl
-    --batch-size 16 --micro-batch 4 --lr 5e-6 --val-size 64 --eval-every 4 --max-steps 24
+    --batch-size 8 --micro-batch 4 --lr 1e-5 --val-size 64 --eval-every 4 --max-steps 20
     --max-length 128)
 fi
 out=${out:-runs/$(date +%Y%m%d-%H%M%S)}

@@ -76,11 +76,12 @@ impl fmt::Display for RunSummary {
             None => writeln!(f, "best:    none saved (no evaluation after step 0)")?,
         }
         writeln!(f, "resume:  {}", self.out.join(checkpoint::LAST_DIR).display())?;
-        if let Some(peak) = dpo_common::memory::peak_rss_bytes() {
-            writeln!(f, "peak memory (RSS): {:.2} GiB", peak as f64 / (1u64 << 30) as f64)?;
-        }
         writeln!(f, "metrics: {}", self.out.join("metrics.jsonl").display())?;
-        write!(f, "chart:   {}", self.out.join(plot::CHART_FILE).display())
+        write!(f, "chart:   {}", self.out.join(plot::CHART_FILE).display())?;
+        if let Some(peak) = dpo_common::memory::peak_rss_bytes() {
+            write!(f, "\npeak memory (RSS): {:.2} GiB", peak as f64 / (1u64 << 30) as f64)?;
+        }
+        Ok(())
     }
 }
 
