@@ -23,7 +23,7 @@ bin=${CARGO_TARGET_DIR:-target}/release
 work=$(mktemp -d)
 server_pid=""
 cleanup() {
-  [[ -n $server_pid ]] && kill -TERM "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+  [[ -n $server_pid ]] && pkill -TERM -P "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -61,7 +61,8 @@ ours() {
     "$bin/policy-trainer" train --model "$gguf" --ref-server "http://$addr" --data "$work/pairs.jsonl" \
       --out "$dir/out" --val-size 0 --batch-size "$n" --micro-batch "$micro" --max-steps 1 \
       --max-length 512 --length-policy drop --lr 1e-6 --no-progress 2>"$dir/trainer.log" >/dev/null
-  kill -TERM "$server_pid"; wait "$server_pid" || true; server_pid=""
+  # $server_pid is /usr/bin/time; the server is its child (time writes the RSS once it exits).
+  pkill -TERM -P "$server_pid"; wait "$server_pid" || true; server_pid=""
   python3 - "$dir" "$micro" <<'PY'
 import json, sys
 d, micro = sys.argv[1], int(sys.argv[2])
