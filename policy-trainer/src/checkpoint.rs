@@ -119,3 +119,45 @@ pub fn write_small_file(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot move {} into place", path.display()))?;
     Ok(())
 }
+
+/// Removes the temporary directories (`.best.tmp-PID`, `.last.tmp-PID`) that a save cut
+/// short by a crash or kill leaves in `out`, when process PID is gone. Returns what was
+/// removed. The real `best/` and `last/` are never touched: a save only ever swaps a
+/// complete temporary directory in.
+pub fn sweep_stale_temp_dirs(out: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(out) else { return Ok(removed) };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = [BEST_DIR, LAST_DIR].iter().find_map(|d| {
+            name.strip_prefix(&format!(".{d}.tmp-")).and_then(|p| p.parse::<u32>().ok())
+        });
+        let Some(pid) = pid else { continue };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive {
+            std::fs::remove_dir_all(entry.path()).with_context(|| {
+                format!("cannot remove the stale temporary directory {}", entry.path().display())
+            })?;
+            removed.push(entry.path());
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_temp_dirs_of_dead_processes_are_swept_and_nothing_else() {
+        let out = tempfile::tempdir().unwrap();
+        let dead = out.path().join(".last.tmp-4000000000");
+        let live = out.path().join(format!(".best.tmp-{}", std::process::id()));
+        let real = out.path().join(LAST_DIR);
+        for d in [&dead, &live, &real] {
+            std::fs::create_dir(d).unwrap();
+        }
+        assert_eq!(sweep_stale_temp_dirs(out.path()).unwrap(), vec![dead.clone()]);
+        assert!(!dead.exists() && live.exists() && real.exists());
+    }
+}

@@ -192,7 +192,11 @@ fn check_out_dir(args: &TrainArgs) -> Result<()> {
         );
     }
     std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create the output directory {}", args.out.display()))
+        .with_context(|| format!("cannot create the output directory {}", args.out.display()))?;
+    for dir in checkpoint::sweep_stale_temp_dirs(&args.out)? {
+        tracing::info!("removed {}, left by a save that was cut short", dir.display());
+    }
+    Ok(())
 }
 
 pub fn run(args: TrainArgs) -> Result<RunSummary> {
