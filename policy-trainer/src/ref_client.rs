@@ -90,7 +90,8 @@ where
                 if since.elapsed() >= timeout {
                     bail!(
                         "{what}: the reference server {url} has been unreachable for {:.0}s \
-                         (--ref-timeout {}s); last error: {e}",
+                         (--ref-timeout {}s); last error: {e}. Is `ref-server serve` running \
+                         there (or use deploy/run.sh, which starts one)?",
                         since.elapsed().as_secs_f64(),
                         timeout.as_secs()
                     );

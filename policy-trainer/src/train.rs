@@ -201,6 +201,9 @@ fn check_out_dir(args: &TrainArgs) -> Result<()> {
 
 pub fn run(args: TrainArgs) -> Result<RunSummary> {
     args.validate()?;
+    // The data first: a wrong path or a malformed file fails in a second, not after the
+    // model has loaded and the server answered.
+    let pairs = load_pairs(&args)?;
     check_out_dir(&args)?;
     let resume_state =
         if args.resume { Some(checkpoint::read_trainer_state(&args.out)?) } else { None };
@@ -258,7 +261,6 @@ pub fn run(args: TrainArgs) -> Result<RunSummary> {
     );
 
     // Data: tokenize, apply the length policy, split off validation.
-    let pairs = load_pairs(&args)?;
     let (encoded, length_report) = data::encode_pairs(
         &tokenizer,
         args.template,
