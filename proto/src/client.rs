@@ -229,6 +229,41 @@ impl RefClient {
         Ok(resp)
     }
 
+    /// Starts a generation; the stream yields token deltas, then a last message with the
+    /// finish reason and the whole output (see `GenerateResponse`).
+    pub async fn generate(
+        &self,
+        req: v1::GenerateRequest,
+    ) -> Result<tonic::Streaming<v1::GenerateResponse>, ClientError> {
+        let mut c = self.inner.clone();
+        c.generate(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| ClientError::from_status(&self.url, s))
+    }
+
+    /// [`generate`](Self::generate) to the end: (the streamed text joined, the last message).
+    pub async fn generate_text(
+        &self,
+        req: v1::GenerateRequest,
+    ) -> Result<(String, v1::GenerateResponse), ClientError> {
+        let mut stream = self.generate(req).await?;
+        let mut streamed = String::new();
+        loop {
+            match stream.message().await {
+                Ok(Some(m)) if !m.finish_reason.is_empty() => return Ok((streamed, m)),
+                Ok(Some(m)) => streamed.push_str(&m.text),
+                Ok(None) => {
+                    return Err(ClientError::Protocol {
+                        url: self.url.clone(),
+                        message: "the generation stream ended without a finish reason".into(),
+                    })
+                }
+                Err(s) => return Err(ClientError::from_status(&self.url, s)),
+            }
+        }
+    }
+
     /// Scores DPO pairs sent as token ids (the prompt travels once per pair).
     pub async fn score_pairs(&self, pairs: &[TokenPair]) -> Result<Vec<PairScore>, ClientError> {
         let items = pairs

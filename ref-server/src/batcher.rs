@@ -59,7 +59,7 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts the batcher thread, which takes ownership of `model`.
-    pub fn spawn(model: Llama, plan: Plan, max_queued_tokens: usize) -> Batcher {
+    pub fn spawn(model: Arc<Llama>, plan: Plan, max_queued_tokens: usize) -> Batcher {
         let (tx, rx) = mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("batcher".into())
@@ -103,7 +103,7 @@ pub struct Plan {
     pub min_fill: f64,
 }
 
-fn run(model: Llama, plan: Plan, mut rx: mpsc::UnboundedReceiver<Job>) {
+fn run(model: Arc<Llama>, plan: Plan, mut rx: mpsc::UnboundedReceiver<Job>) {
     let mut queue: VecDeque<Job> = VecDeque::new();
     loop {
         if queue.is_empty() {

@@ -8,14 +8,16 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use dpo_common::device::{device_name, parse_device};
+use dpo_common::generate::{generate_with, GenerateParams};
 use dpo_common::model::load::{load_model, parse_dtype, torch_dtype_name};
-use dpo_common::model::Mode;
+use dpo_common::model::{Llama, Mode};
 use dpo_common::tokenizer::LlamaTokenizer;
 use dpo_proto::v1;
+use tokio::sync::mpsc;
 
 use crate::batcher::{BatchError, Batcher, Plan};
 use crate::config::{LimitArgs, Limits};
-use crate::validation::{Invalid, Validator};
+use crate::validation::{template_of, Invalid, Validator};
 
 /// Why a request could not be answered.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,10 @@ impl From<ScoreError> for tonic::Status {
 
 pub struct Engine {
     info: v1::ModelInfoResponse,
+    /// Shared with the batcher thread (scoring) and generation.
+    model: Arc<Llama>,
+    /// One generation at a time: it holds a KV cache and would compete with scoring.
+    generation: Arc<tokio::sync::Semaphore>,
     tokenizer: LlamaTokenizer,
     vocab_size: usize,
     limits: Limits,
@@ -87,9 +93,12 @@ impl Engine {
             started.elapsed().as_secs_f64()
         );
         let plan = Plan { budget: limits.batch_token_budget, min_fill: limits.min_batch_fill };
-        let batcher = Batcher::spawn(loaded.model, plan, limits.max_queued_tokens);
+        let model = Arc::new(loaded.model);
+        let batcher = Batcher::spawn(Arc::clone(&model), plan, limits.max_queued_tokens);
         Ok(Engine {
             info,
+            model,
+            generation: Arc::new(tokio::sync::Semaphore::new(1)),
             tokenizer: loaded.tokenizer,
             vocab_size: cfg.vocab_size,
             limits,
@@ -107,6 +116,85 @@ impl Engine {
 
     pub fn tokenizer(&self) -> &LlamaTokenizer {
         &self.tokenizer
+    }
+
+    /// Starts generating for `req` and returns the stream of its messages (see the proto):
+    /// token deltas as they are chosen, then one message with the finish reason and the
+    /// whole output. The client going away cancels the generation.
+    pub async fn generate(
+        self: &Arc<Self>,
+        req: v1::GenerateRequest,
+    ) -> Result<mpsc::Receiver<Result<v1::GenerateResponse, tonic::Status>>, ScoreError> {
+        let template = template_of(req.template)
+            .ok_or_else(|| Invalid(format!("unknown template {}", req.template)))?;
+        let params = GenerateParams {
+            max_new_tokens: if req.max_new_tokens == 0 { 256 } else { req.max_new_tokens as usize },
+            temperature: req.temperature as f64,
+            top_p: if req.top_p == 0.0 { 1.0 } else { req.top_p as f64 },
+            seed: req.seed,
+            stop: req.stop,
+            stop_at_eos: true,
+        };
+        params.validate().map_err(|e| Invalid(e.to_string()))?;
+        let prompt = self
+            .tokenizer
+            .encode_prompt(&template.format_prompt(&req.prompt))
+            .map_err(|e| Invalid(format!("the prompt: {e}")))?;
+        let limit = self.limits.max_tokens_per_item;
+        if prompt.is_empty() || prompt.len() + params.max_new_tokens > limit {
+            return Err(Invalid(format!(
+                "the prompt's {} tokens plus max_new_tokens {} exceed max_tokens_per_item {limit} \
+                 (or the prompt is empty)",
+                prompt.len(),
+                params.max_new_tokens
+            ))
+            .into());
+        }
+        let permit = Arc::clone(&self.generation)
+            .acquire_owned()
+            .await
+            .map_err(|_| Invalid("the server is shutting down".into()))?;
+        let (tx, rx) = mpsc::channel(64);
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let (mut ids, mut sent) = (Vec::new(), 0usize);
+            let result =
+                generate_with(&this.model, &this.tokenizer, &[prompt], &params, |_, id| {
+                    ids.push(id);
+                    // Send the newly decoded text once it is whole (no half character).
+                    let text = this.tokenizer.decode(&ids, true).unwrap_or_default();
+                    let delta = if text.len() > sent
+                        && text.is_char_boundary(sent)
+                        && !text.ends_with('\u{FFFD}')
+                    {
+                        let d = text[sent..].to_string();
+                        sent = text.len();
+                        d
+                    } else {
+                        String::new()
+                    };
+                    let msg = v1::GenerateResponse {
+                        text: delta,
+                        token_ids: vec![id],
+                        ..Default::default()
+                    };
+                    tx.blocking_send(Ok(msg)).is_ok()
+                });
+            let last = match result {
+                Ok(mut g) => {
+                    let g = g.remove(0);
+                    Ok(v1::GenerateResponse {
+                        finish_reason: g.finish.as_str().into(),
+                        full_text: g.text,
+                        ..Default::default()
+                    })
+                }
+                Err(e) => Err(tonic::Status::internal(format!("generation failed: {e}"))),
+            };
+            let _ = tx.blocking_send(last);
+        });
+        Ok(rx)
     }
 
     /// Validates and scores one request; results in request order.

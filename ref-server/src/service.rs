@@ -106,6 +106,22 @@ impl Reference for ReferenceService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    type GenerateStream = Pin<Box<dyn Stream<Item = Result<v1::GenerateResponse, Status>> + Send>>;
+
+    async fn generate(
+        &self,
+        request: Request<v1::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let engine = self.engine()?;
+        match engine.generate(request.into_inner()).await {
+            Ok(rx) => Ok(Response::new(Box::pin(ReceiverStream::new(rx)))),
+            Err(e) => {
+                tracing::info!("Generate refused: {e}");
+                Err(e.into())
+            }
+        }
+    }
+
     async fn model_info(
         &self,
         _request: Request<v1::ModelInfoRequest>,

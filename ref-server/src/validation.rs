@@ -35,7 +35,7 @@ pub struct Validator<'a> {
     pub limits: &'a Limits,
 }
 
-fn template_of(t: i32) -> Option<Template> {
+pub(crate) fn template_of(t: i32) -> Option<Template> {
     match v1::Template::try_from(t).ok()? {
         v1::Template::Unspecified | v1::Template::Alpaca => Some(Template::Alpaca),
         v1::Template::Raw => Some(Template::Raw),
