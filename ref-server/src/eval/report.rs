@@ -56,17 +56,25 @@ impl Report {
         rows
     }
 
+    /// The rows worth printing: a long per-group list (57 MMLU subjects) would bury the
+    /// headline, so above [`MAX_PRINTED_GROUPS`] groups only the headline metrics are shown
+    /// (the JSON report has the rest).
+    fn printed_rows(&self) -> Vec<(String, f64)> {
+        if self.groups.len() > MAX_PRINTED_GROUPS {
+            self.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect()
+        } else {
+            self.rows()
+        }
+    }
+
     /// The short table printed after a run.
     pub fn table(&self) -> String {
         let mut s =
             format!("{} · {} ({} examples)\n", self.benchmark, self.model, self.examples.len());
-        // A long per-group list (57 MMLU subjects) would bury the headline: the report has it.
-        let rows: Vec<(String, f64)> = if self.groups.len() > 12 {
+        if self.groups.len() > MAX_PRINTED_GROUPS {
             s += &format!("  ({} per-group numbers in the report)\n", self.groups.len());
-            self.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect()
-        } else {
-            self.rows()
-        };
+        }
+        let rows = self.printed_rows();
         let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(6).max(6);
         for (k, v) in rows {
             s += &format!("  {k:<w$}  {}\n", fmt_value(&k, v));
@@ -87,6 +95,9 @@ fn fmt_value(key: &str, v: f64) -> String {
     }
 }
 
+/// Above this many groups, tables show the headline metrics only.
+const MAX_PRINTED_GROUPS: usize = 12;
+
 /// Two reports side by side (e.g. SFT vs DPO): every metric either has, with the difference.
 pub fn compare(a: &Report, b: &Report, a_name: &str, b_name: &str) -> String {
     let mut s = String::new();
@@ -96,14 +107,18 @@ pub fn compare(a: &Report, b: &Report, a_name: &str, b_name: &str) -> String {
     if a.settings != b.settings {
         s += "note: the settings differ (template, decoding, limit or judge): see the reports\n";
     }
-    let ra: BTreeMap<String, f64> = a.rows().into_iter().collect();
-    let rb: BTreeMap<String, f64> = b.rows().into_iter().collect();
-    let order: Vec<String> = a.rows().into_iter().chain(b.rows()).map(|r| r.0).collect();
+    let ra: BTreeMap<String, f64> = a.printed_rows().into_iter().collect();
+    let rb: BTreeMap<String, f64> = b.printed_rows().into_iter().collect();
+    let order: Vec<String> =
+        a.printed_rows().into_iter().chain(b.printed_rows()).map(|r| r.0).collect();
     let mut seen = std::collections::HashSet::new();
     let order: Vec<String> = order.into_iter().filter(|k| seen.insert(k.clone())).collect();
     let w = order.iter().map(|k| k.len()).max().unwrap_or(6).max(6);
     let (wa, wb) = (a_name.len().max(10), b_name.len().max(10));
     s += &format!("{} · {} vs {}\n", a.benchmark, a.model, b.model);
+    if a.groups.len().max(b.groups.len()) > MAX_PRINTED_GROUPS {
+        s += "  (per-group numbers: see the reports)\n";
+    }
     s += &format!("  {:<w$}  {a_name:>wa$}  {b_name:>wb$}  {:>10}\n", "metric", "Δ (b − a)");
     for k in &order {
         let cell =
