@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up a CUDA 12 toolchain from PyPI (no system CUDA, no GPU needed) for building the
+# Sets up a CUDA 13.4 toolchain from PyPI (no system CUDA, no GPU needed) for building the
 # `cuda` feature: nvcc and the CUDA headers for candle-kernels' PTX build, plus the runtime
 # libraries (cuBLAS, cuRAND, NVRTC, cudart) that the binaries load on the GPU machine.
 # Everything goes into .cache/cuda-venv; a merged tree with the usual layout (bin/, include/,
@@ -21,11 +21,18 @@ for a in "$@"; do
   esac
 done
 
-# Version 12 throughout: cudarc's and candle-kernels' CUDA 12 code paths.
-pkgs=(nvidia-cuda-nvcc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12
-      nvidia-cuda-nvrtc-cu12 nvidia-cublas-cu12 nvidia-curand-cu12)
+# CUDA 13.4 throughout. Why these: the CUDA 12 `nvidia-cuda-nvcc-cu12` wheel ships no nvcc
+# driver; 13.4 is the newest release cudarc 0.19 (candle 0.11) knows (`cuda-13040`); nvvm
+# must not be newer than ptxas (13.5's nvvm emits PTX 9.5, which 13.4's ptxas refuses); and
+# cccl provides <nv/target>, which cuda_fp16.h includes. With exactly this set,
+# `cargo check -p dpo-common --features cuda` (candle-kernels' PTX built by nvcc) passed on a
+# machine without a GPU (2026-11-30, 6 min on 2 cores).
+pkgs=(nvidia-cuda-nvcc==13.4.92 nvidia-cuda-crt==13.4.92 nvidia-nvvm==13.4.92
+      nvidia-cuda-runtime==13.4.92 "nvidia-cuda-cccl<13.5" nvidia-cuda-nvrtc==13.4.92
+      "nvidia-cublas<13.5" nvidia-curand)
 if [[ ! -x $venv/cuda/bin/nvcc ]]; then
   echo "cuda-setup: installing ${pkgs[*]} into $venv (about 1 GB, once)" >&2
+  rm -rf "$venv"   # a half-made or older (CUDA 12) venv would mix headers
   python3 -m venv "$venv" >&2
   "$venv/bin/pip" install --quiet "${pkgs[@]}" >&2
   site=$("$venv/bin/python" -c 'import site; print(site.getsitepackages()[0])')
@@ -38,7 +45,7 @@ if [[ ! -x $venv/cuda/bin/nvcc ]]; then
     [[ -d $comp/lib ]] && for f in "$comp"/lib/*; do ln -sf "$f" "$cuda/lib64/"; done
     [[ -d $comp/nvvm ]] && ln -sfn "$comp/nvvm" "$cuda/nvvm"
   done
-  # Unversioned names for the linker (the wheels ship only libX.so.12).
+  # Unversioned names for the linker (the wheels ship only libX.so.13).
   for f in "$cuda"/lib64/*.so.*; do
     base=${f%%.so.*}.so; [[ -e $base ]] || ln -s "$(basename "$f")" "$base"
   done
