@@ -92,8 +92,25 @@ impl ResponseLogProbs {
     }
 }
 
-/// Computes the response log-probs of `seqs` in one right-padded forward pass.
-pub fn response_logprobs(model: &Llama, seqs: &[Sequence]) -> Result<ResponseLogProbs> {
+/// A batch of sequences laid out for response log-probs: right-padded ids, the flattened
+/// `[B*T]` positions whose logits predict a response token, those tokens, and the 0/1
+/// membership matrix that sums each sequence's tokens. Built once here for the plain
+/// forward and for `model::recompute`.
+pub(crate) struct ResponseBatch {
+    /// [B, T], padded with token 0: any valid id does, since no real position attends to it.
+    pub ids: Tensor,
+    /// [N] rows of the flattened `[B*T]` hidden states that predict a response token.
+    pub rows: Tensor,
+    /// [N] the response tokens they predict.
+    pub targets: Tensor,
+    /// [B, N] f32: 1 where token n belongs to sequence b.
+    pub member: Tensor,
+    /// Response tokens per sequence.
+    pub counts: Vec<usize>,
+}
+
+/// Validates `seqs` against the model and lays them out as a [`ResponseBatch`].
+pub(crate) fn response_batch(model: &Llama, seqs: &[Sequence]) -> Result<ResponseBatch> {
     if seqs.is_empty() {
         return Err(Error::Input("empty batch".into()));
     }
@@ -105,9 +122,8 @@ pub fn response_logprobs(model: &Llama, seqs: &[Sequence]) -> Result<ResponseLog
     let device = model.device();
     let b = seqs.len();
     let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
-    // Pads are token 0: any valid id does, since no real position ever attends to them.
     let mut ids = vec![0u32; b * t];
-    let mut rows = Vec::new(); // flat positions whose logits predict a response token
+    let mut rows = Vec::new();
     let mut targets = Vec::new();
     let mut counts = Vec::with_capacity(b);
     for (i, s) in seqs.iter().enumerate() {
@@ -119,11 +135,6 @@ pub fn response_logprobs(model: &Llama, seqs: &[Sequence]) -> Result<ResponseLog
         counts.push(s.response_len());
     }
     let n = rows.len();
-    let ids = Tensor::from_vec(ids, (b, t), device)?;
-    let hidden = model.hidden_states(&ids)?.reshape((b * t, cfg.hidden_size))?;
-    let hidden = hidden.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
-    let logits = model.logits(&hidden)?; // [N, V]
-    let per_token = ops::target_logprob(&logits, &Tensor::from_vec(targets, n, device)?)?;
     // Segment sums as one matmul with a 0/1 membership matrix [B, N].
     let mut member = vec![0f32; b * n];
     let mut off = 0;
@@ -131,7 +142,24 @@ pub fn response_logprobs(model: &Llama, seqs: &[Sequence]) -> Result<ResponseLog
         member[i * n + off..i * n + off + c].iter_mut().for_each(|m| *m = 1.0);
         off += c;
     }
-    let member = Tensor::from_vec(member, (b, n), device)?.to_dtype(per_token.dtype())?;
+    Ok(ResponseBatch {
+        ids: Tensor::from_vec(ids, (b, t), device)?,
+        rows: Tensor::from_vec(rows, n, device)?,
+        targets: Tensor::from_vec(targets, n, device)?,
+        member: Tensor::from_vec(member, (b, n), device)?,
+        counts,
+    })
+}
+
+/// Computes the response log-probs of `seqs` in one right-padded forward pass.
+pub fn response_logprobs(model: &Llama, seqs: &[Sequence]) -> Result<ResponseLogProbs> {
+    let batch = response_batch(model, seqs)?;
+    let (b, t) = batch.ids.dims2()?;
+    let hidden = model.hidden_states(&batch.ids)?.reshape((b * t, model.config().hidden_size))?;
+    let hidden = hidden.index_select(&batch.rows, 0)?;
+    let logits = model.logits(&hidden)?; // [N, V]
+    let per_token = ops::target_logprob(&logits, &batch.targets)?;
+    let member = batch.member.to_dtype(per_token.dtype())?;
     let sums = member.matmul(&per_token.unsqueeze(1)?)?.squeeze(1)?;
-    Ok(ResponseLogProbs { sums, per_token, counts })
+    Ok(ResponseLogProbs { sums, per_token, counts: batch.counts })
 }

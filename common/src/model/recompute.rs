@@ -18,7 +18,7 @@ use candle_core::{Tensor, Var};
 use super::llama::{Llama, Mode};
 use super::ops;
 use crate::error::{Error, Result};
-use crate::logprob::Sequence;
+use crate::logprob::{response_batch, ResponseBatch, Sequence};
 
 /// What [`checkpointed_grads`] returns.
 pub struct CheckpointedGrads {
@@ -30,59 +30,8 @@ pub struct CheckpointedGrads {
     pub grads: GradStore,
 }
 
-/// The padded batch and the response positions of `seqs`, laid out as
-/// `logprob::response_logprobs` lays them out (right padding with token 0, the rows of the
-/// flattened `[B*T]` positions that predict a response token, segment membership).
-// TODO(integration): `response_logprobs` should build its batch with this, so the layout
-// exists once; `logprob.rs` was outside this change. The tests check both agree bit for bit.
-struct Batch {
-    ids: Tensor,
-    rows: Tensor,
-    targets: Tensor,
-    member: Tensor,
-}
-
-fn batch(model: &Llama, seqs: &[Sequence]) -> Result<Batch> {
-    if seqs.is_empty() {
-        return Err(Error::Input("empty batch".into()));
-    }
-    let cfg = model.config();
-    for (i, s) in seqs.iter().enumerate() {
-        s.validate(cfg.vocab_size, cfg.max_position_embeddings)
-            .map_err(|e| Error::Input(format!("sequence {i}: {e}")))?;
-    }
-    let device = model.device();
-    let b = seqs.len();
-    let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
-    let mut ids = vec![0u32; b * t];
-    let mut rows = Vec::new();
-    let mut targets = Vec::new();
-    let mut counts = Vec::with_capacity(b);
-    for (i, s) in seqs.iter().enumerate() {
-        ids[i * t..i * t + s.ids.len()].copy_from_slice(&s.ids);
-        for p in s.response_start..s.ids.len() {
-            rows.push((i * t + p - 1) as u32);
-            targets.push(s.ids[p]);
-        }
-        counts.push(s.response_len());
-    }
-    let n = rows.len();
-    let mut member = vec![0f32; b * n];
-    let mut off = 0;
-    for (i, &c) in counts.iter().enumerate() {
-        member[i * n + off..i * n + off + c].iter_mut().for_each(|m| *m = 1.0);
-        off += c;
-    }
-    Ok(Batch {
-        ids: Tensor::from_vec(ids, (b, t), device)?,
-        rows: Tensor::from_vec(rows, n, device)?,
-        targets: Tensor::from_vec(targets, n, device)?,
-        member: Tensor::from_vec(member, (b, n), device)?,
-    })
-}
-
 /// Summed response log-probs [B] from the last layer's output `[B*T, H]`.
-fn head(model: &Llama, x: &Tensor, batch: &Batch) -> Result<Tensor> {
+fn head(model: &Llama, x: &Tensor, batch: &ResponseBatch) -> Result<Tensor> {
     let hidden = model.final_norm(x)?.index_select(&batch.rows, 0)?;
     let logits = model.logits(&hidden)?; // [N, V]
     let per_token = ops::target_logprob(&logits, &batch.targets)?;
@@ -127,7 +76,7 @@ pub fn checkpointed_grads(
             "gradients need a trainable model (Mode::Trainable)".into(),
         ));
     }
-    let batch = batch(model, seqs)?;
+    let batch = response_batch(model, seqs)?;
     // The embedding keeps its (cheap) graph: index_select of a variable.
     let (embedded, ctx) = model.embed_tokens(&batch.ids)?;
 
