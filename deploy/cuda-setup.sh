@@ -9,9 +9,21 @@
 #   eval "$(deploy/cuda-setup.sh)"       # ... and apply them to this shell
 #   deploy/cuda-setup.sh --build         # also: cargo build --release --features cuda
 #   CUDA_COMPUTE_CAP=80 deploy/cuda-setup.sh   # A100 (default 90: H100/H200)
+#   DPO_CUDA_VERSION=13.0 deploy/cuda-setup.sh # for a driver of the R580 branch (CUDA 13.0)
+#
+# Which version: the kernels candle embeds are PTX, which the driver compiles when the
+# program starts, and a driver refuses PTX newer than itself (13.4's nvcc writes PTX ISA
+# 9.4; an R580 driver, CUDA 13.0, reads up to 9.0). Build with the toolkit of the oldest
+# driver the binaries must run on: deploy/gpu-bundle.sh uses 13.0 for that reason.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-venv=${DPO_CUDA_VENV:-$root/.cache/cuda-venv}
+version=${DPO_CUDA_VERSION:-13.4}
+case $version in
+  13.4) default_venv=$root/.cache/cuda-venv ;;
+  13.0) default_venv=$root/.cache/cuda-venv-13.0 ;;
+  *) echo "cuda-setup: DPO_CUDA_VERSION must be 13.4 or 13.0, not $version" >&2; exit 2 ;;
+esac
+venv=${DPO_CUDA_VENV:-$default_venv}
 cap=${CUDA_COMPUTE_CAP:-90}
 build=0
 for a in "$@"; do
@@ -27,9 +39,17 @@ done
 # cccl provides <nv/target>, which cuda_fp16.h includes. With exactly this set,
 # `cargo check -p dpo-common --features cuda` (candle-kernels' PTX built by nvcc) passed on a
 # machine without a GPU (2026-11-30, 6 min on 2 cores).
-pkgs=(nvidia-cuda-nvcc==13.4.92 nvidia-cuda-crt==13.4.92 nvidia-nvvm==13.4.92
-      nvidia-cuda-runtime==13.4.92 "nvidia-cuda-cccl<13.5" nvidia-cuda-nvrtc==13.4.92
-      "nvidia-cublas<13.5" nvidia-curand)
+# 13.0: the same set at the R580 driver's version (cuBLAS and cuRAND number their own
+# releases: 13.0.x and 10.4.0 are the ones of CUDA 13.0).
+if [[ $version == 13.4 ]]; then
+  pkgs=(nvidia-cuda-nvcc==13.4.92 nvidia-cuda-crt==13.4.92 nvidia-nvvm==13.4.92
+        nvidia-cuda-runtime==13.4.92 "nvidia-cuda-cccl<13.5" nvidia-cuda-nvrtc==13.4.92
+        "nvidia-cublas<13.5" nvidia-curand)
+else
+  pkgs=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
+        nvidia-cuda-runtime==13.0.96 "nvidia-cuda-cccl<13.1" nvidia-cuda-nvrtc==13.0.88
+        "nvidia-cublas<13.1" "nvidia-curand<10.4.1")
+fi
 if [[ ! -x $venv/cuda/bin/nvcc ]]; then
   echo "cuda-setup: installing ${pkgs[*]} into $venv (about 1 GB, once)" >&2
   rm -rf "$venv"   # a half-made or older (CUDA 12) venv would mix headers
@@ -53,6 +73,22 @@ if [[ ! -x $venv/cuda/bin/nvcc ]]; then
 fi
 
 cuda=$venv/cuda
+# Linking (cudarc links libcuda, the driver's library) needs a libcuda.so, which no wheel
+# ships: the toolkit's answer is a stub in lib64/stubs, and this is one. Every driver API
+# function cudarc declares, each returning an error; the soname is the driver's, so the
+# binaries load the real libcuda.so.1 on a GPU machine. Never put stubs/ on LD_LIBRARY_PATH.
+stub=$cuda/lib64/stubs/libcuda.so
+if [[ ! -s $stub ]]; then
+  sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs 2>/dev/null | tail -n 1)
+  if [[ -n $sys ]]; then
+    mkdir -p "$cuda/lib64/stubs"
+    grep -oE 'pub unsafe fn cu[A-Za-z0-9_]+' "$sys" | awk '{print "int " $4 "(void) { return 999; }"}' \
+      | sort -u >"$cuda/lib64/stubs/libcuda_stub.c"
+    cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub" "$cuda/lib64/stubs/libcuda_stub.c" >&2
+  else
+    echo "cuda-setup: cudarc's sources are not in the cargo registry yet (run cargo fetch); no libcuda stub, so linking --features cuda will fail" >&2
+  fi
+fi
 exports="export CUDA_ROOT=$cuda CUDA_PATH=$cuda CUDA_HOME=$cuda CUDA_TOOLKIT_ROOT_DIR=$cuda
 export PATH=$cuda/bin:\$PATH
 export LD_LIBRARY_PATH=$cuda/lib64:\${LD_LIBRARY_PATH:-}
