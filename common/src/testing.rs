@@ -1,8 +1,9 @@
 //! Test support shared by every crate's tests: tiny random Llama checkpoints written to disk
-//! as real Hugging Face directories, and the location of the real SmolLM2 model.
-//! Not part of the product API.
+//! as real Hugging Face directories, random checkpoints of any shape (Llama 3.1 8B for the
+//! GPU check), and the location of the real SmolLM2 model. Not part of the product API.
 
 use std::collections::HashMap;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -11,7 +12,7 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::config::{LlamaConfig, RopeScaling};
 use crate::model::llama::expected_params;
 use crate::tokenizer::LlamaTokenizer;
@@ -139,6 +140,140 @@ pub fn write_tiny_checkpoint(
     Ok(cfg)
 }
 
+/// Llama 3.1 8B's shape (its `config.json`: GQA 32/8 heads, llama3 RoPE scaling, untied
+/// head) with the tiny tokenizer's special tokens, for [`write_random_checkpoint`]: the
+/// memory and speed of the real model without its weights. Token ids stay below 258.
+pub fn llama31_8b_config() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 128_256,
+        hidden_size: 4096,
+        intermediate_size: 14_336,
+        num_hidden_layers: 32,
+        num_attention_heads: 32,
+        num_key_value_heads: 8,
+        head_dim: 128,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500_000.0,
+        rope_scaling: RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        },
+        max_position_embeddings: 131_072,
+        tie_word_embeddings: false,
+        bos_token_id: Some(256),
+        eos_token_ids: vec![257],
+        torch_dtype: "bfloat16".into(),
+    }
+}
+
+/// Fills `out` with uniform values of standard deviation `std` (or with `1 ± 0.1` for norm
+/// weights, `std == None`), from a xorshift stream of `seed`.
+fn fill_random(out: &mut [f32], std: Option<f64>, seed: u64) {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    // Uniform on [-a, a] has standard deviation a / sqrt(3).
+    let (scale, offset) = match std {
+        Some(s) => ((s * 3f64.sqrt()) as f32, 0.0),
+        None => (0.1, 1.0),
+    };
+    for v in out.iter_mut() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let u = (state >> 40) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0;
+        *v = offset + scale * u;
+    }
+}
+
+/// Writes a random-weight Hugging Face directory of shape `cfg` in `dtype` (f32, bf16 or
+/// f16) with [`tiny_tokenizer`], so `cfg`'s special tokens must be 256 and 257. Weights are
+/// uniform with standard deviation 0.02 (transformers' initializer range), norms near 1.
+///
+/// Streams one tensor at a time into one `model.safetensors` (each tensor generated on all
+/// cores): an 8B checkpoint (16 GB in bf16) is written in about the time the disk takes,
+/// and never sits in memory whole. Not atomic and not fsynced: a measurement fixture.
+pub fn write_random_checkpoint(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    dtype: DType,
+    seed: u64,
+) -> Result<()> {
+    let (st_dtype, torch) = match dtype {
+        DType::F32 => ("F32", "float32"),
+        DType::BF16 => ("BF16", "bfloat16"),
+        DType::F16 => ("F16", "float16"),
+        other => return Err(Error::Unsupported(format!("random checkpoint in {other:?}"))),
+    };
+    if cfg.bos_token_id != Some(256) || cfg.eos_token_ids.first() != Some(&257) {
+        return Err(Error::Input(
+            "a random checkpoint uses the tiny tokenizer: bos_token_id 256, eos_token_id 257"
+                .into(),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+    let mut config = cfg.clone();
+    config.torch_dtype = torch.into();
+    let json = serde_json::to_vec_pretty(&config.to_hf_json())
+        .map_err(|e| Error::Input(format!("serializing config.json: {e}")))?;
+    crate::model::save::write_file(&dir.join("config.json"), &json)?;
+    tiny_tokenizer().save_hf(dir)?;
+
+    // safetensors: u64 header length, JSON header (offsets into the data), then the data.
+    let params = expected_params(cfg);
+    let size = dtype.size_in_bytes();
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut offset = 0usize;
+    for (name, shape) in &params {
+        let bytes = shape.iter().product::<usize>() * size;
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": st_dtype, "shape": shape, "data_offsets": [offset, offset + bytes] }),
+        );
+        offset += bytes;
+    }
+    let mut header = serde_json::to_vec(&header)
+        .map_err(|e| Error::Input(format!("serializing the safetensors header: {e}")))?;
+    header.resize(header.len().div_ceil(8) * 8, b' ');
+    let path = dir.join("model.safetensors");
+    let file = std::fs::File::create(&path).map_err(|e| Error::file(&path, e))?;
+    let mut w = BufWriter::with_capacity(1 << 24, file);
+    let io = |e: std::io::Error| Error::file(&path, e);
+    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&header).map_err(io)?;
+
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (t, (_, shape)) in params.iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let std = (shape.len() > 1).then_some(0.02);
+        let mut bytes = vec![0u8; n * size];
+        let chunk = n.div_ceil(threads).max(1 << 16);
+        std::thread::scope(|s| {
+            for (c, out) in bytes.chunks_mut(chunk * size).enumerate() {
+                let seed =
+                    seed ^ ((t as u64) << 32) ^ (c as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+                s.spawn(move || {
+                    let mut values = vec![0f32; out.len() / size];
+                    fill_random(&mut values, std, seed);
+                    for (v, o) in values.iter().zip(out.chunks_exact_mut(size)) {
+                        match size {
+                            4 => o.copy_from_slice(&v.to_le_bytes()),
+                            _ if dtype == DType::BF16 => {
+                                o.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes())
+                            }
+                            _ => o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes()),
+                        }
+                    }
+                });
+            }
+        });
+        w.write_all(&bytes).map_err(io)?;
+    }
+    w.flush().map_err(io)?;
+    Ok(())
+}
+
 /// The workspace root (the directory holding `common/`).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("common/ has a parent").to_path_buf()
@@ -166,4 +301,43 @@ pub fn shared_data() -> PathBuf {
     std::env::var_os("DPO_SHARED_DATA")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("../shared/data"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{load_model, Mode};
+
+    #[test]
+    fn random_checkpoint_loads_with_its_shape_and_scale() {
+        let dir = tempfile::tempdir().unwrap();
+        // A vocabulary larger than the tokenizer's, as in the 8B shape.
+        let cfg = LlamaConfig { vocab_size: 1000, ..tiny_config(&TinySpec::default()) };
+        write_random_checkpoint(dir.path(), &cfg, DType::BF16, 7).unwrap();
+        let loaded = load_model(dir.path(), Mode::Frozen, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(loaded.model.config().vocab_size, 1000);
+        assert_eq!(loaded.model.config().torch_dtype, "bfloat16");
+        for (name, t) in loaded.model.params() {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+            let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
+            if t.rank() == 1 {
+                assert!((mean - 1.0).abs() < 0.05 && var.sqrt() < 0.1, "{name}: {mean} {var}");
+            } else {
+                assert!(mean.abs() < 0.005 && (var.sqrt() - 0.02).abs() < 0.002, "{name}");
+            }
+        }
+        // Same seed, same bytes; another seed, other bytes.
+        let again = tempfile::tempdir().unwrap();
+        write_random_checkpoint(again.path(), &cfg, DType::BF16, 7).unwrap();
+        let read = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+        assert_eq!(read(dir.path()), read(again.path()));
+        write_random_checkpoint(again.path(), &cfg, DType::BF16, 8).unwrap();
+        assert_ne!(read(dir.path()), read(again.path()));
+    }
+
+    #[test]
+    fn the_8b_shape_has_8b_parameters() {
+        assert_eq!(crate::memory::param_count(&llama31_8b_config()), 8_030_261_248);
+    }
 }
