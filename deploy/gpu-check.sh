@@ -55,7 +55,10 @@ while [[ $# -gt 0 ]]; do
 done
 if [[ $dry == 1 ]]; then
   device=${device:-cpu}
-  stage=${DPO_GPU_STAGE:-$root/.cache/gpu-check-dry}
+  if [[ -z ${DPO_GPU_STAGE:-} ]]; then
+    stage=$root/.cache/gpu-check-dry
+    rm -rf "$stage"   # a dry run starts clean: no results or models of an earlier one
+  fi
 else
   device=${device:-cuda:0}
 fi
