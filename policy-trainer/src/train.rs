@@ -19,6 +19,7 @@ use dpo_common::logprob::response_logprobs;
 use dpo_common::memory;
 use dpo_common::model::{load_model, parse_dtype, Llama, LoadedModel, Mode};
 use dpo_proto::client::ClientOptions;
+use dpo_proto::token::load_token;
 use sha2::{Digest, Sha256};
 
 use crate::args::TrainArgs;
@@ -171,17 +172,6 @@ fn data_fingerprint(train: &[EncodedPair], val: &[EncodedPair], seed: u64) -> St
     format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
-fn read_token(args: &TrainArgs) -> Result<Option<String>> {
-    if let Some(path) = &args.auth_token_file {
-        let token = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read --auth-token-file {}", path.display()))?;
-        let token = token.trim().to_string();
-        anyhow::ensure!(!token.is_empty(), "--auth-token-file {} is empty", path.display());
-        return Ok(Some(token));
-    }
-    Ok(std::env::var("DPO_AUTH_TOKEN").ok().filter(|t| !t.trim().is_empty()))
-}
-
 /// Refuses an output directory that holds another run, so nothing is overwritten.
 fn check_out_dir(args: &TrainArgs) -> Result<()> {
     let last = checkpoint::last_dir(&args.out);
@@ -228,7 +218,7 @@ pub fn run(args: TrainArgs) -> Result<RunSummary> {
         ScorerOptions {
             client: ClientOptions {
                 url: args.ref_server.clone(),
-                token: read_token(&args)?,
+                token: load_token(args.auth_token_file.as_deref())?,
                 ca_cert: args.tls_ca.clone(),
                 tls_domain: args.tls_domain.clone(),
                 ..ClientOptions::default()

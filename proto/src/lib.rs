@@ -1,5 +1,6 @@
 //! The `dpo.v1` gRPC API shared by `ref-server` (which serves it) and every client
-//! (`policy-trainer`, `ref-server score --server`). Source of truth: `proto/dpo/v1/*.proto`.
+//! (`policy-trainer`, `ref-server score --server`, `dpo-eval --server`), and the bearer-token
+//! loader they all share ([`token`]). Source of truth: `proto/dpo/v1/*.proto`.
 
 pub mod v1 {
     tonic::include_proto!("dpo.v1");
@@ -9,3 +10,4 @@ pub mod v1 {
 }
 
 pub mod client;
+pub mod token;

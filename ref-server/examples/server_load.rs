@@ -149,7 +149,7 @@ async fn main() -> Result<()> {
 
     let client = RefClient::connect(&ClientOptions {
         url: args.server.clone(),
-        token: std::env::var("DPO_AUTH_TOKEN").ok(),
+        token: dpo_proto::token::load_token(None)?,
         ..ClientOptions::default()
     })
     .await?;

@@ -1,36 +1,10 @@
 //! Optional bearer-token authentication for the `Reference` service (health and reflection
-//! stay open so probes and `grpcurl list` work without a token). The token comes from a
-//! file or `DPO_AUTH_TOKEN`; it is compared in constant time.
+//! stay open so probes and `grpcurl list` work without a token). The token is loaded by
+//! `dpo_proto::token::load_token` (shared with the clients); it is compared in constant time.
 
-use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
 use tonic::{Request, Status};
-
-/// Reads the token from `file`, else from `DPO_AUTH_TOKEN`; `None` when neither is set.
-/// Surrounding whitespace (a trailing newline) is not part of the token.
-pub fn load_token(file: Option<&Path>) -> Result<Option<String>> {
-    let (token, from) = match file {
-        Some(path) => (
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the auth token file {}", path.display()))?,
-            path.display().to_string(),
-        ),
-        None => match std::env::var("DPO_AUTH_TOKEN") {
-            Ok(t) => (t, "DPO_AUTH_TOKEN".to_string()),
-            Err(_) => return Ok(None),
-        },
-    };
-    let token = token.trim().to_string();
-    if token.is_empty() {
-        bail!("the auth token from {from} is empty");
-    }
-    if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        bail!("the auth token from {from} must be printable ASCII without spaces");
-    }
-    Ok(Some(token))
-}
 
 /// Equality whose running time depends only on `expected`'s length, not on where `given`
 /// first differs.

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use dpo_common::template::Template;
 use dpo_proto::client::{ClientOptions, RefClient};
-use ref_server::auth::load_token;
+use dpo_proto::token::load_token;
 use ref_server::config::LimitArgs;
 use ref_server::engine::Engine;
 use ref_server::score_cli::{self, ScoreOptions, Scorer};

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use dpo_common::generate::GenerateParams;
 use dpo_common::model::{load_model, parse_dtype, Mode};
 use dpo_proto::client::ClientOptions;
-use ref_server::auth::load_token;
+use dpo_proto::token::load_token;
 
 #[path = "../eval/mod.rs"]
 mod eval;
