@@ -43,8 +43,64 @@ pub struct Server {
     pub url: String,
 }
 
+/// A server's stderr, line by line, as it is written (each line also echoed to the test's
+/// stderr).
+pub struct Logs {
+    rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// Every line received so far.
+    pub seen: Vec<String>,
+}
+
+impl Logs {
+    /// Waits (up to `timeout`) for the next line containing `needle` and returns it.
+    pub async fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let found = tokio::time::timeout(timeout, async {
+            while let Some(line) = self.rx.recv().await {
+                self.seen.push(line.clone());
+                if line.contains(needle) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            Ok(None) => panic!("the server's stderr ended without a line containing {needle:?}"),
+            Err(_) => panic!("no line containing {needle:?} on the server's stderr in {timeout:?}"),
+        }
+    }
+
+    /// Reads the remaining lines until the server closes its stderr.
+    pub async fn rest(&mut self) -> &[String] {
+        while let Some(line) = self.rx.recv().await {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+}
+
 impl Server {
     pub fn start(model: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
+        Self::spawn(model, extra, envs, Stdio::inherit())
+    }
+
+    /// [`Server::start`], with the server's stderr readable by the test.
+    pub fn start_with_logs(model: &Path, extra: &[&str], envs: &[(&str, &str)]) -> (Server, Logs) {
+        let mut server = Self::spawn(model, extra, envs, Stdio::piped());
+        let stderr = server.child.stderr.take().expect("stderr");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[ref-server] {line}");
+                let _ = tx.send(line);
+            }
+        });
+        (server, Logs { rx, seen: Vec::new() })
+    }
+
+    fn spawn(model: &Path, extra: &[&str], envs: &[(&str, &str)], stderr: Stdio) -> Server {
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--model"]).arg(model).args(["--listen", "127.0.0.1:0"]).args(extra);
         cmd.env_remove("DPO_AUTH_TOKEN");
@@ -55,7 +111,7 @@ impl Server {
             cmd.env(k, v);
         }
         let mut child =
-            cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start ref-server");
+            cmd.stdout(Stdio::piped()).stderr(stderr).spawn().expect("start ref-server");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
@@ -87,9 +143,19 @@ impl Server {
     }
 
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.send_sigterm();
+        self.wait_exit()
+    }
+
+    /// Sends SIGTERM and returns at once.
+    pub fn send_sigterm(&self) {
         let pid = self.child.id().to_string();
         let ok = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
         assert!(ok.success());
+    }
+
+    /// Waits (up to 30 s) for the process to exit.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(st) = self.child.try_wait().expect("wait") {
