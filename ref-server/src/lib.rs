@@ -4,7 +4,8 @@
 //! (turning a request into checked sequences, each failure naming the item and the limit),
 //! [`batcher`] (the thread that owns the model and groups queued sequences into padded
 //! forward passes), [`engine`] (model loading plus validate → batch → answer, shared by the
-//! gRPC service and the local scoring CLI), [`auth`], [`service`] (the tonic `Reference`
+//! gRPC service and the local scoring CLI), [`auth`], [`message_limit`] (the request-size
+//! limit reported as `INVALID_ARGUMENT`), [`service`] (the tonic `Reference`
 //! implementation), [`server`] (transport: listen, TLS, health, reflection, shutdown) and
 //! [`score_cli`] (the JSONL scoring command). `main.rs` only parses the command line.
 
@@ -12,6 +13,7 @@ pub mod auth;
 pub mod batcher;
 pub mod config;
 pub mod engine;
+pub mod message_limit;
 pub mod score_cli;
 pub mod server;
 pub mod service;

@@ -17,6 +17,7 @@ use tonic_health::ServingStatus;
 use crate::auth::BearerAuth;
 use crate::config::LimitArgs;
 use crate::engine::Engine;
+use crate::message_limit::MessageLimit;
 use crate::service::ReferenceService;
 
 /// Everything `ref-server serve` needs.
@@ -69,6 +70,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         reference,
         BearerAuth::new(opts.token.clone()),
     );
+    let reference = MessageLimit::new(reference, opts.limits.max_message_bytes);
 
     let mut builder = Server::builder();
     if let Some((cert, key)) = &opts.tls {

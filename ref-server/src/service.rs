@@ -12,6 +12,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::Engine;
+use crate::message_limit;
 
 /// Requests of one ScoreStream being scored at once; further ones wait to be read, which
 /// pushes back on the client through HTTP/2 flow control.
@@ -67,6 +68,7 @@ impl Reference for ReferenceService {
         request: Request<Streaming<v1::ScoreRequest>>,
     ) -> Result<Response<Self::ScoreStreamStream>, Status> {
         let engine = self.engine()?;
+        let max_message_bytes = engine.limits().max_message_bytes;
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
         let slots = Arc::new(tokio::sync::Semaphore::new(STREAM_IN_FLIGHT));
@@ -75,8 +77,10 @@ impl Reference for ReferenceService {
                 let req = match next {
                     Ok(r) => r,
                     Err(status) => {
-                        // A broken or oversized message ends the stream with its status.
-                        let _ = tx.send(Err(status)).await;
+                        // A broken or oversized message ends the stream with its status
+                        // (tonic cannot read past it).
+                        let _ =
+                            tx.send(Err(message_limit::rewrite(status, max_message_bytes))).await;
                         return;
                     }
                 };

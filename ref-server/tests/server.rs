@@ -159,7 +159,8 @@ async fn scores_match_in_process_and_limits_hold() {
         assert!(err.to_string().contains("INVALID_ARGUMENT"), "{err}");
         assert!(!err.is_retryable());
     }
-    // Oversized message: refused by the transport's decoding limit.
+    // Oversized message: refused by the transport's decoding limit (before it is read
+    // into memory), reported like the other limits.
     let big = v1::ScoreItem {
         input: Some(v1::score_item::Input::Text(v1::TextInput {
             prompt: "a".repeat(10_000),
@@ -167,8 +168,10 @@ async fn scores_match_in_process_and_limits_hold() {
             template: 0,
         })),
     };
-    let err = client.score(req(vec![big])).await.expect_err("too big");
-    assert!(err.to_string().contains("8192"), "{err}");
+    let err = client.score(req(vec![big.clone()])).await.expect_err("too big");
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("limit of 8192 bytes (max_message_bytes"), "{err}");
+    assert!(err.to_string().contains("--max-message-bytes"), "{err}");
     assert!(!err.is_retryable());
     // Still serving, with the same numbers.
     let again = client
@@ -215,6 +218,19 @@ async fn scores_match_in_process_and_limits_hold() {
         }
     }
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+
+    // An oversized message on a stream ends it with the same INVALID_ARGUMENT.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut out = raw
+        .score_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(req(vec![big])).await.unwrap();
+    let status = out.message().await.expect_err("oversized stream message");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    assert!(status.message().contains("limit of 8192 bytes (max_message_bytes"), "{status}");
+    assert!(client.health().await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
