@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use dpo_common::data::hh::read_hh_file;
-use dpo_common::logprob::{response_logprobs, Sequence};
+use dpo_common::logprob::{response_logprobs, shared_prompt_logprobs, Sequence, SharedPrompt};
+use dpo_common::model::backward::{backward, forward_sequences, forward_shared, zero_grads};
 use dpo_common::model::{load_model, Mode};
 use dpo_common::template::Template;
 use serde_json::json;
@@ -66,24 +67,59 @@ fn main() -> BoxResult<()> {
     }
     report("score_forward_pair_batch", t.elapsed().as_secs_f64());
 
+    // The prompt shared by chosen and rejected goes through the model once.
+    let shared: Vec<SharedPrompt> = examples
+        .iter()
+        .map(|[c, r]| SharedPrompt {
+            prompt: c.ids[..c.response_start].to_vec(),
+            responses: vec![c.ids[c.response_start..].to_vec(), r.ids[r.response_start..].to_vec()],
+        })
+        .collect();
+    let t = Instant::now();
+    for g in &shared {
+        shared_prompt_logprobs(&reference.model, std::slice::from_ref(g))?;
+    }
+    report("score_forward_pair_shared", t.elapsed().as_secs_f64());
+
     let policy = load_model(model_path.as_ref(), Mode::Trainable, DType::F32, &Device::Cpu)?;
+    if std::env::var_os("BENCH_AUTOGRAD").is_some() {
+        let t = Instant::now();
+        for ex in &examples {
+            for s in ex {
+                let lp = response_logprobs(&policy.model, std::slice::from_ref(s))?;
+                lp.sums.sum_all()?.backward()?;
+            }
+        }
+        report("policy_forward_backward_bs1_autograd", t.elapsed().as_secs_f64());
+    }
+
+    // The trainer's path: hand-written backward into f32 accumulators.
+    let mut grads = zero_grads(&policy.model)?;
     let t = Instant::now();
     for ex in &examples {
         for s in ex {
-            let lp = response_logprobs(&policy.model, std::slice::from_ref(s))?;
-            lp.sums.sum_all()?.backward()?;
+            let pass = forward_sequences(&policy.model, std::slice::from_ref(s), false)?;
+            backward(pass, &[1.0], &mut grads)?;
         }
     }
     report("policy_forward_backward_bs1", t.elapsed().as_secs_f64());
 
-    // The single-process DPO pass of torch_baseline.py: reference forward + policy
-    // forward/backward per example (the loss's own arithmetic is negligible).
     let t = Instant::now();
-    for ex in &examples {
-        let _ref = response_logprobs(&reference.model, ex)?.sums_vec()?;
-        let lp = response_logprobs(&policy.model, ex)?;
-        lp.sums.sum_all()?.backward()?;
+    for g in &shared {
+        let pass = forward_shared(&policy.model, std::slice::from_ref(g), false)?;
+        backward(pass, &[1.0, -1.0], &mut grads)?;
     }
-    report("dpo_pass_pair_batch", t.elapsed().as_secs_f64());
+    report("policy_forward_backward_pair_shared", t.elapsed().as_secs_f64());
+
+    // The single-process DPO pass of torch_baseline.py: reference forward + policy
+    // forward/backward per example (the loss's own arithmetic is negligible), here with the
+    // prompt shared by both responses on both sides.
+    let t = Instant::now();
+    for g in &shared {
+        let _ref = shared_prompt_logprobs(&reference.model, std::slice::from_ref(g))?.sums_vec()?;
+        let pass = forward_shared(&policy.model, std::slice::from_ref(g), false)?;
+        backward(pass, &[1.0, -1.0], &mut grads)?;
+    }
+    report("dpo_pass_pair_shared", t.elapsed().as_secs_f64());
     Ok(())
 }

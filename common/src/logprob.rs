@@ -9,7 +9,7 @@
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::model::{ops, Llama};
+use crate::model::{ops, Llama, TokenLayout};
 
 /// A tokenized (prompt, response) sequence.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -92,24 +92,69 @@ impl ResponseLogProbs {
     }
 }
 
-/// A batch of sequences laid out for response log-probs: right-padded ids, the flattened
-/// `[B*T]` positions whose logits predict a response token, those tokens, and the 0/1
-/// membership matrix that sums each sequence's tokens. Built once here for the plain
-/// forward and for `model::recompute`.
+/// A prompt with several responses (typically chosen and rejected), scored in one row: the
+/// prompt goes through the model once, and each response attends to the prompt and to
+/// itself only, at the positions it would have on its own. The log-probs are those of the
+/// separate sequences `prompt ++ response` (up to float rounding).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SharedPrompt {
+    pub prompt: Vec<u32>,
+    pub responses: Vec<Vec<u32>>,
+}
+
+impl SharedPrompt {
+    /// Tokens in the row: the prompt once plus every response.
+    pub fn row_len(&self) -> usize {
+        self.prompt.len() + self.responses.iter().map(Vec::len).sum::<usize>()
+    }
+
+    /// Checks what the forward pass needs, naming the violated limit.
+    pub fn validate(&self, vocab_size: usize, max_len: usize) -> Result<()> {
+        if self.responses.is_empty() {
+            return Err(Error::Input("a shared prompt without responses".into()));
+        }
+        for (j, r) in self.responses.iter().enumerate() {
+            let seq = Sequence {
+                ids: [self.prompt.as_slice(), r.as_slice()].concat(),
+                response_start: self.prompt.len(),
+            };
+            seq.validate(vocab_size, max_len)
+                .map_err(|e| Error::Input(format!("response {j}: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+impl From<&Sequence> for SharedPrompt {
+    fn from(s: &Sequence) -> Self {
+        SharedPrompt {
+            prompt: s.ids[..s.response_start].to_vec(),
+            responses: vec![s.ids[s.response_start..].to_vec()],
+        }
+    }
+}
+
+/// A batch laid out for response log-probs: right-padded ids (one row per prompt), how the
+/// tokens relate, the flattened `[B*T]` positions whose logits predict a response token,
+/// those tokens, and the 0/1 membership matrix that sums each response's tokens. Built once
+/// here for the plain forward, `model::backward` and `model::recompute`.
 pub(crate) struct ResponseBatch {
     /// [B, T], padded with token 0: any valid id does, since no real position attends to it.
     pub ids: Tensor,
+    /// `None` when every row is a single sequence (plain causal attention).
+    pub layout: Option<TokenLayout>,
     /// [N] rows of the flattened `[B*T]` hidden states that predict a response token.
     pub rows: Tensor,
     /// [N] the response tokens they predict.
     pub targets: Tensor,
-    /// [B, N] f32: 1 where token n belongs to sequence b.
+    /// [R, N] f32: 1 where token n belongs to response r.
     pub member: Tensor,
-    /// Response tokens per sequence.
+    /// Response tokens per response.
     pub counts: Vec<usize>,
 }
 
-/// Validates `seqs` against the model and lays them out as a [`ResponseBatch`].
+/// Validates `seqs` against the model and lays them out as a [`ResponseBatch`], one
+/// sequence per row.
 pub(crate) fn response_batch(model: &Llama, seqs: &[Sequence]) -> Result<ResponseBatch> {
     if seqs.is_empty() {
         return Err(Error::Input("empty batch".into()));
@@ -119,24 +164,63 @@ pub(crate) fn response_batch(model: &Llama, seqs: &[Sequence]) -> Result<Respons
         s.validate(cfg.vocab_size, cfg.max_position_embeddings)
             .map_err(|e| Error::Input(format!("sequence {i}: {e}")))?;
     }
+    let groups: Vec<SharedPrompt> = seqs.iter().map(SharedPrompt::from).collect();
+    layout_batch(model, &groups)
+}
+
+/// Validates `groups` against the model and lays them out as a [`ResponseBatch`], one
+/// prompt and its responses per row.
+pub(crate) fn shared_prompt_batch(model: &Llama, groups: &[SharedPrompt]) -> Result<ResponseBatch> {
+    if groups.is_empty() {
+        return Err(Error::Input("empty batch".into()));
+    }
+    let cfg = model.config();
+    for (i, g) in groups.iter().enumerate() {
+        g.validate(cfg.vocab_size, cfg.max_position_embeddings)
+            .map_err(|e| Error::Input(format!("prompt {i}: {e}")))?;
+    }
+    layout_batch(model, groups)
+}
+
+fn layout_batch(model: &Llama, groups: &[SharedPrompt]) -> Result<ResponseBatch> {
     let device = model.device();
-    let b = seqs.len();
-    let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+    let b = groups.len();
+    let t = groups.iter().map(SharedPrompt::row_len).max().unwrap_or(0);
+    let branched = groups.iter().any(|g| g.responses.len() > 1);
     let mut ids = vec![0u32; b * t];
+    // Pads sit in a branch of their own, at position 0: never attended to by real tokens.
+    let mut layout = TokenLayout { positions: vec![0; b * t], branches: vec![u32::MAX; b * t] };
     let mut rows = Vec::new();
     let mut targets = Vec::new();
-    let mut counts = Vec::with_capacity(b);
-    for (i, s) in seqs.iter().enumerate() {
-        ids[i * t..i * t + s.ids.len()].copy_from_slice(&s.ids);
-        for p in s.response_start..s.ids.len() {
-            rows.push((i * t + p - 1) as u32);
-            targets.push(s.ids[p]);
+    let mut counts = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        let base = i * t;
+        let p = g.prompt.len();
+        ids[base..base + p].copy_from_slice(&g.prompt);
+        for k in 0..p {
+            layout.positions[base + k] = k as u32;
+            layout.branches[base + k] = 0;
         }
-        counts.push(s.response_len());
+        let mut start = base + p;
+        for (j, r) in g.responses.iter().enumerate() {
+            ids[start..start + r.len()].copy_from_slice(r);
+            for (k, &tok) in r.iter().enumerate() {
+                layout.positions[start + k] = (p + k) as u32;
+                layout.branches[start + k] = j as u32 + 1;
+                // The first response token is predicted by the prompt's last token; the
+                // others by the response token before them.
+                let from = if k == 0 { base + p - 1 } else { start + k - 1 };
+                rows.push(from as u32);
+                targets.push(tok);
+            }
+            counts.push(r.len());
+            start += r.len();
+        }
     }
     let n = rows.len();
-    // Segment sums as one matmul with a 0/1 membership matrix [B, N].
-    let mut member = vec![0f32; b * n];
+    let r = counts.len();
+    // Segment sums as one matmul with a 0/1 membership matrix [R, N].
+    let mut member = vec![0f32; r * n];
     let mut off = 0;
     for (i, &c) in counts.iter().enumerate() {
         member[i * n + off..i * n + off + c].iter_mut().for_each(|m| *m = 1.0);
@@ -144,18 +228,30 @@ pub(crate) fn response_batch(model: &Llama, seqs: &[Sequence]) -> Result<Respons
     }
     Ok(ResponseBatch {
         ids: Tensor::from_vec(ids, (b, t), device)?,
+        layout: branched.then_some(layout),
         rows: Tensor::from_vec(rows, n, device)?,
         targets: Tensor::from_vec(targets, n, device)?,
-        member: Tensor::from_vec(member, (b, n), device)?,
+        member: Tensor::from_vec(member, (r, n), device)?,
         counts,
     })
 }
 
 /// Computes the response log-probs of `seqs` in one right-padded forward pass.
 pub fn response_logprobs(model: &Llama, seqs: &[Sequence]) -> Result<ResponseLogProbs> {
-    let batch = response_batch(model, seqs)?;
+    batch_logprobs(model, response_batch(model, seqs)?)
+}
+
+/// Computes the log-probs of every response of `groups`, in order (group 0's responses,
+/// then group 1's, ...), in one forward pass where each prompt is computed once.
+pub fn shared_prompt_logprobs(model: &Llama, groups: &[SharedPrompt]) -> Result<ResponseLogProbs> {
+    batch_logprobs(model, shared_prompt_batch(model, groups)?)
+}
+
+fn batch_logprobs(model: &Llama, batch: ResponseBatch) -> Result<ResponseLogProbs> {
     let (b, t) = batch.ids.dims2()?;
-    let hidden = model.hidden_states(&batch.ids)?.reshape((b * t, model.config().hidden_size))?;
+    let hidden = model
+        .hidden_states_with_layout(&batch.ids, batch.layout.as_ref())?
+        .reshape((b * t, model.config().hidden_size))?;
     let hidden = hidden.index_select(&batch.rows, 0)?;
     let logits = model.logits(&hidden)?; // [N, V]
     let per_token = ops::target_logprob(&logits, &batch.targets)?;

@@ -259,14 +259,15 @@ pub fn layer_saved_tensors(
     rms(&mut out);
     out.push(saved("q, k, v projections", n * (qd + 2 * kvd), d));
     rope(&mut out, qd);
-    out.push(saved("q scaled by 1/sqrt(d)", n * qd, d));
     rope(&mut out, kvd);
     out.push(saved("q, k, v head-major copies", n * (qd + 2 * kvd), d));
     let s = b * nh * t * t;
-    out.push(saved("attention scores, masked scores", 2 * s, d));
     if fused {
+        // `ops::masked_softmax` scales and masks inside the kernel.
+        out.push(saved("attention scores", s, d));
         out.push(saved("softmax", s, d));
     } else {
+        out.push(saved("attention scores, scaled, masked", 3 * s, d));
         out.push(saved("softmax: x - max, exp, normalised", 3 * s, d));
         out.push(saved("softmax: max, sum", 2 * b * nh * t, d));
     }
@@ -274,7 +275,11 @@ pub fn layer_saved_tensors(
     out.push(saved("o projection", n * h, d));
     out.push(saved("residual after attention", n * h, d));
     rms(&mut out);
-    out.push(saved("mlp gate, up, silu(gate), product", 4 * n * i, d));
+    if fused {
+        out.push(saved("mlp gate, up, swiglu", 3 * n * i, d));
+    } else {
+        out.push(saved("mlp gate, up, silu(gate), product", 4 * n * i, d));
+    }
     out.push(saved("down projection", n * h, d));
     out.push(saved("residual after mlp (layer output)", n * h, d));
     out
@@ -412,11 +417,17 @@ pub fn check_fits(plan: &MemoryPlan, available_bytes: u64) -> Result<()> {
 }
 
 /// Memory the process can still use on `device`: `MemAvailable` plus what the process
-/// already holds is not attempted; this is what is free now. `None` where unknown.
+/// already holds is not attempted; this is what is free now (on a GPU: the driver's free
+/// memory, other processes' allocations excluded). `None` where unknown.
 pub fn available_bytes(device: &Device) -> Option<u64> {
     if device.is_cpu() {
         let text = std::fs::read_to_string("/proc/meminfo").ok()?;
         return proc_field_kib(&text, "MemAvailable:").map(|k| k * 1024);
+    }
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+        return Some(free as u64);
     }
     None
 }

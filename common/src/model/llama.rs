@@ -4,7 +4,10 @@
 //! both modes, so the two give bit-identical numbers.
 //!
 //! Batches are right-padded: with a causal mask, real tokens never attend to the pads that
-//! follow them, so no padding mask is needed and pad positions are simply never read.
+//! follow them, so no padding mask is needed and pad positions are simply never read. A
+//! [`TokenLayout`] generalises this: a row may hold a prompt followed by several responses
+//! (chosen and rejected), each attending to the prompt and to itself only, each positioned
+//! right after the prompt, so a shared prompt goes through the model once.
 
 use std::collections::HashMap;
 
@@ -52,13 +55,78 @@ pub struct Llama {
 }
 
 /// What every layer of one forward pass shares: the batch shape, the RoPE tables and the
-/// causal mask (see [`Llama::embed_tokens`]).
+/// attention mask (see [`Llama::embed_tokens`]).
 pub struct LayerContext {
     pub b: usize,
     pub t: usize,
-    cos: Tensor,
-    sin: Tensor,
-    mask: Tensor,
+    /// [T, head_dim/2] (positions 0..T in every row) or [B*T, head_dim/2] (per token).
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    /// Additive, 0 = attend, -inf = not: [T, T] (causal) or [B, T, T] (per row).
+    pub(crate) mask: Tensor,
+}
+
+/// Where each token of a `[B, T]` batch sits and what it may attend to, when rows are not
+/// simply one sequence each. Both vectors have one entry per token, row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenLayout {
+    /// The token's RoPE position.
+    pub positions: Vec<u32>,
+    /// 0 for a shared prefix (the prompt), k ≥ 1 for the k-th continuation of it. A token
+    /// attends to the earlier tokens of its row that are in the prefix or in its own branch.
+    pub branches: Vec<u32>,
+}
+
+impl TokenLayout {
+    /// The additive mask [B, T, T] this layout implies.
+    fn mask(&self, b: usize, t: usize) -> Vec<f32> {
+        let mut m = vec![f32::NEG_INFINITY; b * t * t];
+        for r in 0..b {
+            let br = &self.branches[r * t..(r + 1) * t];
+            for i in 0..t {
+                let row = &mut m[(r * t + i) * t..(r * t + i + 1) * t];
+                for j in 0..=i {
+                    if br[j] == 0 || br[j] == br[i] {
+                        row[j] = 0.0;
+                    }
+                }
+            }
+        }
+        m
+    }
+}
+
+/// What a layer's forward keeps for its backward (`model::backward`). The norms' outputs
+/// and the MLP activation are cheap to recompute and are not kept.
+pub(crate) struct LayerActivations {
+    /// The layer's input, [B*T, H].
+    pub x: Tensor,
+    /// Rotated queries [B, kv_heads, rep*T, d], keys and values [B, kv_heads, T, d].
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    /// Attention probabilities [B, kv_heads, rep*T, T].
+    pub probs: Tensor,
+    /// Attention output before the output projection, [B*T, heads*d].
+    pub attn: Tensor,
+    /// The residual stream after attention, [B*T, H].
+    pub x2: Tensor,
+    /// MLP gate and up projections, [B*T, intermediate].
+    pub gate: Tensor,
+    pub up: Tensor,
+}
+
+/// A layer's weights, for the backward: (input norm, q, k, v, o, post norm, gate, up, down).
+pub(crate) struct LayerWeights<'a> {
+    pub input_norm: &'a Tensor,
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub o: &'a Tensor,
+    pub post_norm: &'a Tensor,
+    pub gate: &'a Tensor,
+    pub up: &'a Tensor,
+    pub down: &'a Tensor,
 }
 
 /// The Hugging Face names and shapes every Llama checkpoint of `cfg` must hold.
@@ -205,6 +273,45 @@ impl Llama {
         &self.vars
     }
 
+    /// The same weights (shared storage: updates to the variables show through) as a frozen
+    /// model: no autograd graph is built on it, and the fused inference kernels apply.
+    pub fn frozen_view(&self) -> Result<Llama> {
+        if self.mode == Mode::Frozen {
+            return Ok(self.shallow_clone());
+        }
+        let weights = self.params.iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+        Llama::from_weights(self.cfg.clone(), weights, Mode::Frozen, self.dtype, &self.device)
+    }
+
+    fn shallow_clone(&self) -> Llama {
+        let weights = self.params.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+        Llama::from_weights(self.cfg.clone(), weights, self.mode, self.dtype, &self.device)
+            .expect("the model's own weights fit its config")
+    }
+
+    pub(crate) fn layer_weights(&self, i: usize) -> LayerWeights<'_> {
+        let l = &self.layers[i];
+        LayerWeights {
+            input_norm: &l.input_norm,
+            q: &l.q,
+            k: &l.k,
+            v: &l.v,
+            o: &l.o,
+            post_norm: &l.post_norm,
+            gate: &l.gate,
+            up: &l.up,
+            down: &l.down,
+        }
+    }
+
+    pub(crate) fn norm_weight(&self) -> &Tensor {
+        &self.norm
+    }
+
+    pub(crate) fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
     /// RoPE tables for positions `0..t`: cos and sin of shape [t, head_dim/2], f32.
     fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
         let inv_freq = self.cfg.rope_inv_freq();
@@ -226,7 +333,16 @@ impl Llama {
 
     /// The final-norm hidden states for token ids `[B, T]` (u32): `[B, T, hidden]`.
     pub fn hidden_states(&self, ids: &Tensor) -> Result<Tensor> {
-        let (mut x, ctx) = self.embed_tokens(ids)?;
+        self.hidden_states_with_layout(ids, None)
+    }
+
+    /// [`hidden_states`](Self::hidden_states) for any [`TokenLayout`].
+    pub fn hidden_states_with_layout(
+        &self,
+        ids: &Tensor,
+        layout: Option<&TokenLayout>,
+    ) -> Result<Tensor> {
+        let (mut x, ctx) = self.embed_with_layout(ids, layout)?;
         for i in 0..self.layers.len() {
             x = self.forward_layer(i, &x, &ctx)?;
         }
@@ -237,12 +353,36 @@ impl Llama {
     /// The first step of [`hidden_states`](Self::hidden_states), public so that callers can
     /// run the layers one at a time (activation checkpointing, `model::recompute`): checks
     /// the ids `[B, T]` and returns the embeddings `[B*T, H]` and the per-batch constants
-    /// every layer needs.
+    /// every layer needs. Rows are right-padded sequences at positions `0..T`.
     pub fn embed_tokens(&self, ids: &Tensor) -> Result<(Tensor, LayerContext)> {
+        self.embed_with_layout(ids, None)
+    }
+
+    /// [`embed_tokens`](Self::embed_tokens) for any [`TokenLayout`] (`None`: right-padded
+    /// sequences at positions `0..T`).
+    pub fn embed_with_layout(
+        &self,
+        ids: &Tensor,
+        layout: Option<&TokenLayout>,
+    ) -> Result<(Tensor, LayerContext)> {
         let (b, t) = ids.dims2()?;
-        if t > self.cfg.max_position_embeddings {
+        let max_pos = match layout {
+            None => t.saturating_sub(1),
+            Some(l) => {
+                if l.positions.len() != b * t || l.branches.len() != b * t {
+                    return Err(Error::Input(format!(
+                        "token layout of {} positions and {} branches for a [{b}, {t}] batch",
+                        l.positions.len(),
+                        l.branches.len()
+                    )));
+                }
+                l.positions.iter().copied().max().unwrap_or(0) as usize
+            }
+        };
+        if max_pos >= self.cfg.max_position_embeddings {
             return Err(Error::Input(format!(
-                "sequence of {t} tokens exceeds the model's maximum of {}",
+                "sequence of {} tokens exceeds the model's maximum of {}",
+                max_pos + 1,
                 self.cfg.max_position_embeddings
             )));
         }
@@ -253,8 +393,16 @@ impl Llama {
                 self.cfg.vocab_size
             )));
         }
-        let (cos, sin) = self.rope_tables(t)?;
-        let mask = causal_mask(t, &self.device)?.to_dtype(self.dtype)?;
+        let (cos, sin) = self.rope_tables(max_pos + 1)?;
+        let (cos, sin, mask) = match layout {
+            None => (cos, sin, causal_mask(t, &self.device)?),
+            Some(l) => {
+                let pos = Tensor::from_slice(&l.positions, b * t, &self.device)?;
+                let mask = Tensor::from_vec(l.mask(b, t), (b, t, t), &self.device)?;
+                (cos.index_select(&pos, 0)?, sin.index_select(&pos, 0)?, mask)
+            }
+        };
+        let mask = mask.to_dtype(self.dtype)?;
         let x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [B*T, H]
         Ok((x, LayerContext { b, t, cos, sin, mask }))
     }
@@ -266,10 +414,7 @@ impl Llama {
 
     /// Decoder layer `i` on `x` `[B*T, H]`: `[B*T, H]`.
     pub fn forward_layer(&self, i: usize, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
-        let layer = self.layers.get(i).ok_or_else(|| {
-            Error::Input(format!("layer {i} does not exist ({} layers)", self.layers.len()))
-        })?;
-        self.layer_forward(layer, x, ctx.b, ctx.t, &ctx.cos, &ctx.sin, &ctx.mask)
+        Ok(self.layer_forward(i, x, ctx, false)?.0)
     }
 
     /// The final RMS norm, on hidden states `[.., H]`.
@@ -277,18 +422,20 @@ impl Llama {
         Ok(ops::rms_norm(x, &self.norm, self.cfg.rms_norm_eps)?)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn layer_forward(
+    /// Decoder layer `i` on `x` `[B*T, H]`, also returning what its backward needs when
+    /// `save` is set.
+    pub(crate) fn layer_forward(
         &self,
-        l: &Layer,
-        x: &Tensor, // [B*T, H]
-        b: usize,
-        t: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-    ) -> Result<Tensor> {
+        i: usize,
+        x: &Tensor,
+        ctx: &LayerContext,
+        save: bool,
+    ) -> Result<(Tensor, Option<LayerActivations>)> {
+        let l = self.layers.get(i).ok_or_else(|| {
+            Error::Input(format!("layer {i} does not exist ({} layers)", self.layers.len()))
+        })?;
         let cfg = &self.cfg;
+        let (b, t) = (ctx.b, ctx.t);
         let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let rep = nh / nkv;
 
@@ -296,26 +443,28 @@ impl Llama {
         let q = hn.matmul(&l.q.t()?)?.reshape((b, t, nh, d))?;
         let k = hn.matmul(&l.k.t()?)?.reshape((b, t, nkv, d))?;
         let v = hn.matmul(&l.v.t()?)?.reshape((b, t, nkv, d))?;
-        let q = ops::rope(&q, cos, sin)?.affine(1.0 / (d as f64).sqrt(), 0.0)?;
-        let k = ops::rope(&k, cos, sin)?;
+        let q = ops::rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = ops::rope(&k, &ctx.cos, &ctx.sin)?;
         // Grouped-query attention without copying K/V per query head: the `rep` query heads
         // that share a KV head are stacked along the row axis. [B, nkv, rep*T, d]
         let q = q.transpose(1, 2)?.contiguous()?.reshape((b, nkv, rep * t, d))?;
         let k = k.transpose(1, 2)?.contiguous()?; // [B, nkv, T, d]
         let v = v.transpose(1, 2)?.contiguous()?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, nkv, rep, t, t))?;
-        let probs = ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
-        let probs = probs.reshape((b, nkv, rep * t, t))?;
+        let scores = q.matmul(&k.t()?)?; // [B, nkv, rep*T, T]
+        let probs = ops::masked_softmax(&scores, &ctx.mask, 1.0 / (d as f64).sqrt())?;
         let attn = probs.matmul(&v)?; // [B, nkv, rep*T, d]
         let attn = attn.reshape((b, nh, t, d))?.transpose(1, 2)?.contiguous()?;
-        let attn = attn.reshape((b * t, nh * d))?.matmul(&l.o.t()?)?;
-        let x = (x + attn)?;
+        let attn = attn.reshape((b * t, nh * d))?;
+        let x2 = (x + attn.matmul(&l.o.t()?)?)?;
 
-        let hn = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;
+        let hn = ops::rms_norm(&x2, &l.post_norm, cfg.rms_norm_eps)?;
         let gate = hn.matmul(&l.gate.t()?)?;
         let up = hn.matmul(&l.up.t()?)?;
-        let mlp = (gate.silu()? * up)?.matmul(&l.down.t()?)?;
-        Ok((x + mlp)?)
+        let mlp = ops::swiglu(&gate, &up)?.matmul(&l.down.t()?)?;
+        let y = (&x2 + mlp)?;
+        let saved =
+            save.then(|| LayerActivations { x: x.clone(), q, k, v, probs, attn, x2, gate, up });
+        Ok((y, saved))
     }
 
     /// Output logits for hidden states `[.., hidden]`: `[.., vocab]` in the model dtype.

@@ -1,6 +1,8 @@
 //! The Llama model: hyper-parameters, weights, the forward pass and checkpoint I/O.
 
+pub mod backward;
 pub mod config;
+pub mod grad_ops;
 pub mod llama;
 pub mod load;
 pub mod ops;
@@ -8,7 +10,7 @@ pub mod recompute;
 pub mod save;
 
 pub use config::{LlamaConfig, RopeScaling};
-pub use llama::{LayerContext, Llama, Mode};
+pub use llama::{LayerContext, Llama, Mode, TokenLayout};
 pub use load::{load_checkpoint, load_model, parse_dtype, Checkpoint, LoadedModel};
 pub use recompute::{checkpointed_grads, CheckpointedGrads};
 pub use save::{save_hf, SaveOptions};

@@ -8,20 +8,49 @@
 //! (tested below), so the frozen and trainable model share one forward.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
 
-type CResult<T> = candle_core::Result<T>;
+use super::grad_ops;
 
-fn fast_path(ts: &[&Tensor]) -> bool {
+pub(crate) type CResult<T> = candle_core::Result<T>;
+
+pub(crate) fn fast_path(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// The contiguous data of a CPU tensor argument.
-fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [T]> {
+pub(crate) fn slice<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> CResult<&'a [T]> {
     let data = s.as_slice::<T>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("custom op expects a contiguous tensor"),
     }
+}
+
+/// Below this many elements a kernel runs on the calling thread: handing a few thousand
+/// floats to the thread pool costs more than it saves.
+const PAR_MIN_ELEMS: usize = 1 << 15;
+
+/// Runs `f(row_index, out_row)` over the rows of `out` (rows of `n` elements), on the
+/// thread pool when the work is large enough. Rows are independent, so results do not
+/// depend on the number of threads.
+pub(crate) fn for_each_row(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if n == 0 {
+        return;
+    }
+    if out.len() < PAR_MIN_ELEMS {
+        out.chunks_exact_mut(n).enumerate().for_each(|(i, r)| f(i, r));
+        return;
+    }
+    let rows_per_task = (PAR_MIN_ELEMS / 4 / n).max(1);
+    out.par_chunks_mut(n * rows_per_task).enumerate().for_each(|(c, chunk)| {
+        for (j, r) in chunk.chunks_exact_mut(n).enumerate() {
+            f(c * rows_per_task + j, r);
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -47,14 +76,13 @@ impl CustomOp2 for RmsNorm {
         let w = slice::<f32>(ws, wl)?;
         let h = w.len();
         let mut out = vec![0f32; x.len()];
-        for (xr, yr) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
-            // f64 accumulation: see `row_logsumexp` on why long f32 sums bias results.
-            let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / h as f64;
-            let r = (1.0 / (ms + self.eps as f64).sqrt()) as f32;
+        for_each_row(&mut out, h, |i, yr| {
+            let xr = &x[i * h..(i + 1) * h];
+            let r = inv_rms(xr, self.eps);
             for ((y, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
                 *y = xv * r * wv;
             }
-        }
+        });
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
@@ -65,17 +93,16 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         g: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let h = w.dim(0)?;
-        let x2 = x.reshape(((), h))?;
-        let g2 = g.reshape(((), h))?;
-        let r = (x2.sqr()?.mean_keepdim(1)? + self.eps as f64)?.sqrt()?.recip()?; // [R,1]
-        let u = g2.broadcast_mul(w)?; // [R,H]
-        let dot = (&u * &x2)?.sum_keepdim(1)?; // [R,1]
-        let coef = (r.powf(3.0)? * dot)?.affine(1.0 / h as f64, 0.0)?;
-        let dx = (u.broadcast_mul(&r)? - x2.broadcast_mul(&coef)?)?;
-        let dw = (g2 * x2.broadcast_mul(&r)?)?.sum(0)?;
-        Ok((Some(dx.reshape(x.shape())?), Some(dw)))
+        let (dx, dw) = grad_ops::rms_norm_grad(x, w, g, self.eps as f64)?;
+        Ok((Some(dx), Some(dw)))
     }
+}
+
+/// `1 / sqrt(mean(x²) + eps)` of one row. f64 accumulation: see `row_logsumexp` on why long
+/// f32 sums bias results.
+pub(crate) fn inv_rms(xr: &[f32], eps: f32) -> f32 {
+    let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / xr.len() as f64;
+    (1.0 / (ms + eps as f64).sqrt()) as f32
 }
 
 /// RMS norm over the last dimension, computed in f32 (as transformers' `LlamaRMSNorm`).
@@ -104,23 +131,28 @@ impl CustomOp1 for Softmax {
         let x = slice::<f32>(s, l)?;
         let n = l.dims()[l.dims().len() - 1];
         let mut out = vec![0f32; x.len()];
-        for (xr, yr) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-            let m = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f64;
-            for (y, &v) in yr.iter_mut().zip(xr) {
-                *y = (v - m).exp();
-                sum += *y as f64;
-            }
-            let inv = (1.0 / sum) as f32;
-            yr.iter_mut().for_each(|y| *y *= inv);
-        }
+        for_each_row(&mut out, n, |i, yr| {
+            yr.copy_from_slice(&x[i * n..(i + 1) * n]);
+            softmax_in_place(yr);
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
-        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((y * g.broadcast_sub(&dot)?)?))
+        Ok(Some(grad_ops::softmax_grad(y, g, 1.0)?))
     }
+}
+
+/// Softmax of one row in place; the sum accumulates in f64 (see `row_logsumexp`).
+fn softmax_in_place(r: &mut [f32]) {
+    let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for y in r.iter_mut() {
+        *y = (*y - m).exp();
+        sum += *y as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    r.iter_mut().for_each(|y| *y *= inv);
 }
 
 /// Softmax over the last dimension. Rows must hold at least one finite value.
@@ -129,6 +161,145 @@ pub fn softmax_last_dim(x: &Tensor) -> CResult<Tensor> {
         return x.contiguous()?.apply_op1(Softmax);
     }
     candle_nn::ops::softmax(x, D::Minus1)
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention probabilities: softmax(scale * scores + mask) in one pass, so neither the
+// scaled nor the masked scores exist as tensors (each would be as large as the scores).
+
+struct MaskedSoftmax {
+    scale: f32,
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "dpo-masked-softmax"
+    }
+
+    /// scores: [B, .., S] whose rows, per batch entry, cycle through the mask's T query
+    /// positions (e.g. [B, heads, T, S] or GQA's [B, kv_heads, rep*T, S]); mask: [T, S]
+    /// (shared by the batch) or [B, T, S].
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ms: &CpuStorage,
+        ml: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = slice::<f32>(xs, xl)?;
+        let mask = slice::<f32>(ms, ml)?;
+        let (b, t, s, per_batch_mask) = mask_geometry(xl.dims(), ml.dims())?;
+        let rows_per_batch = x.len() / s / b;
+        let scale = self.scale;
+        let mut out = vec![0f32; x.len()];
+        for_each_row(&mut out, s, |i, yr| {
+            let (bi, ti) = (i / rows_per_batch, (i % rows_per_batch) % t);
+            let mrow = if per_batch_mask { bi * t + ti } else { ti };
+            let mr = &mask[mrow * s..(mrow + 1) * s];
+            for ((y, &v), &m) in yr.iter_mut().zip(&x[i * s..(i + 1) * s]).zip(mr) {
+                *y = v * scale + m;
+            }
+            softmax_in_place(yr);
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _mask: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad_ops::softmax_grad(y, g, self.scale as f64)?), None))
+    }
+}
+
+/// `softmax(scale * scores + mask)` over the last dimension, for attention. `scores` is
+/// `[B, .., T, S]`; the additive `mask` (0 = attend, -inf = not) is `[T, S]` for the whole
+/// batch or `[B, T, S]` per sequence. Every row must leave at least one entry unmasked.
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> CResult<Tensor> {
+    if fast_path(&[scores, mask]) {
+        let op = MaskedSoftmax { scale: scale as f32 };
+        return scores.contiguous()?.apply_op2(&mask.contiguous()?, op);
+    }
+    let (b, t, s, per_batch_mask) = mask_geometry(scores.dims(), mask.dims())?;
+    // Scores as [B, rows/T, T, S] against a mask [1 or B, 1, T, S].
+    let mask =
+        mask.to_dtype(scores.dtype())?.reshape((if per_batch_mask { b } else { 1 }, 1, t, s))?;
+    let x = scores.reshape((b, (), t, s))?.affine(scale, 0.0)?.broadcast_add(&mask)?;
+    candle_nn::ops::softmax(&x, D::Minus1)?.reshape(scores.shape())
+}
+
+/// For scores `[B, .., S]` and a mask `[T, S]` or `[B, T, S]`: (B, T, S, whether the mask
+/// is per batch entry), after checking that they fit.
+fn mask_geometry(scores: &[usize], mask: &[usize]) -> CResult<(usize, usize, usize, bool)> {
+    let (b, s) = (scores[0], scores[scores.len() - 1]);
+    let rows_per_batch = scores.iter().product::<usize>() / s.max(1) / b.max(1);
+    let (t, per_batch) = match *mask {
+        [t, ms] if ms == s => (t, false),
+        [mb, t, ms] if ms == s && mb == b => (t, true),
+        _ => candle_core::bail!("mask {mask:?} does not fit scores {scores:?}"),
+    };
+    if t == 0 || rows_per_batch % t != 0 {
+        candle_core::bail!("mask {mask:?} does not fit scores {scores:?}");
+    }
+    Ok((b, t, s, per_batch))
+}
+
+// ---------------------------------------------------------------------------------------
+// SwiGLU: silu(gate) * up, the Llama MLP's activation, fused (two [T, intermediate]
+// temporaries fewer in the forward, and a one-pass backward).
+
+struct SwiGlu;
+
+pub(crate) fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "dpo-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let gate = slice::<f32>(gs, gl)?;
+        let up = slice::<f32>(us, ul)?;
+        let n = *gl.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; gate.len()];
+        for_each_row(&mut out, n, |i, yr| {
+            let (gr, ur) = (&gate[i * n..(i + 1) * n], &up[i * n..(i + 1) * n]);
+            for ((y, &g), &u) in yr.iter_mut().zip(gr).zip(ur) {
+                *y = silu(g) * u;
+            }
+        });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (dgate, dup) = grad_ops::swiglu_grad(gate, up, g)?;
+        Ok((Some(dgate), Some(dup)))
+    }
+}
+
+/// `silu(gate) * up`, elementwise (same shapes).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
+    if fast_path(&[gate, up]) {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+    }
+    gate.silu()? * up
 }
 
 // ---------------------------------------------------------------------------------------
@@ -141,7 +312,8 @@ impl CustomOp3 for Rope {
         "dpo-rope"
     }
 
-    /// x: [B, T, H, D]; cos, sin: [T, D/2].
+    /// x: [B, T, H, D]; cos, sin: [T, D/2] (every sequence at positions 0..T) or
+    /// [B*T, D/2] (a table row per token).
     fn cpu_fwd(
         &self,
         xs: &CpuStorage,
@@ -154,20 +326,21 @@ impl CustomOp3 for Rope {
         let x = slice::<f32>(xs, xl)?;
         let cos = slice::<f32>(cs, cl)?;
         let sin = slice::<f32>(ss, sl)?;
-        let (_b, t, h, d) = xl.shape().dims4()?;
+        let (_b, _t, h, d) = xl.shape().dims4()?;
         let half = d / 2;
+        let table_rows = cl.dims()[0];
         let mut out = vec![0f32; x.len()];
-        for (row, (xr, yr)) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
-            let pos = (row / h) % t;
+        for_each_row(&mut out, d, |row, yr| {
+            let pos = (row / h) % table_rows;
             let c = &cos[pos * half..(pos + 1) * half];
             let s = &sin[pos * half..(pos + 1) * half];
-            let (x1, x2) = xr.split_at(half);
+            let (x1, x2) = x[row * d..(row + 1) * d].split_at(half);
             let (y1, y2) = yr.split_at_mut(half);
             for i in 0..half {
                 y1[i] = x1[i] * c[i] - x2[i] * s[i];
                 y2[i] = x2[i] * c[i] + x1[i] * s[i];
             }
-        }
+        });
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
@@ -179,26 +352,35 @@ impl CustomOp3 for Rope {
         _res: &Tensor,
         g: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // A rotation's adjoint is the rotation by the opposite angle.
-        let dx = g.contiguous()?.apply_op3(cos, &sin.neg()?, Rope)?;
-        Ok((Some(dx), None, None))
+        Ok((Some(rope_grad(g, cos, sin)?), None, None))
     }
 }
 
-/// Applies RoPE to `x` of shape [B, T, H, D] with `cos`/`sin` of shape [T, D/2].
+/// Applies RoPE to `x` of shape [B, T, H, D] with `cos`/`sin` of shape [T, D/2] (positions
+/// 0..T for every sequence) or [B*T, D/2] (one row per token, for packed layouts).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
     if fast_path(&[x, cos, sin]) {
         return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope);
     }
-    let (_b, t, _h, d) = x.dims4()?;
+    let (b, t, _h, d) = x.dims4()?;
     let half = d / 2;
-    let c = cos.to_dtype(x.dtype())?.reshape((1, t, 1, half))?;
-    let s = sin.to_dtype(x.dtype())?.reshape((1, t, 1, half))?;
+    let lead = if cos.dim(0)? == t { 1 } else { b };
+    let c = cos.to_dtype(x.dtype())?.reshape((lead, t, 1, half))?;
+    let s = sin.to_dtype(x.dtype())?.reshape((lead, t, 1, half))?;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
     let y1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
     let y2 = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?;
     Tensor::cat(&[y1, y2], D::Minus1)
+}
+
+/// The gradient of [`rope`] with respect to `x`: a rotation's adjoint is the rotation by
+/// the opposite angle.
+pub fn rope_grad(g: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
+    if fast_path(&[g, cos, sin]) {
+        return g.contiguous()?.apply_op3(&cos.contiguous()?, &sin.neg()?, Rope);
+    }
+    rope(g, cos, &sin.neg()?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -232,13 +414,16 @@ impl CustomOp2 for TargetLogProb {
         let logits = slice::<f32>(ls, ll)?;
         let targets = slice::<u32>(ts, tl)?;
         let (n, v) = ll.shape().dims2()?;
-        let mut out = Vec::with_capacity(n);
-        for (r, &t) in logits.chunks_exact(v).zip(targets) {
-            if t as usize >= v {
-                candle_core::bail!("target token {t} is outside the vocabulary ({v})");
-            }
-            out.push(r[t as usize] - row_logsumexp(r));
+        if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("target token {t} is outside the vocabulary ({v})");
         }
+        let out: Vec<f32> = (0..n)
+            .into_par_iter()
+            .map(|i| {
+                let r = &logits[i * v..(i + 1) * v];
+                r[targets[i] as usize] - row_logsumexp(r)
+            })
+            .collect();
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
@@ -249,8 +434,7 @@ impl CustomOp2 for TargetLogProb {
         _res: &Tensor,
         g: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let dl = logits.apply_op3(targets, &g.contiguous()?, TargetLogProbGrad)?;
-        Ok((Some(dl), None))
+        Ok((Some(target_logprob_grad(logits, targets, g)?), None))
     }
 }
 
@@ -275,15 +459,14 @@ impl CustomOp3 for TargetLogProbGrad {
         let g = slice::<f32>(gs, gl)?;
         let (_n, v) = ll.shape().dims2()?;
         let mut out = vec![0f32; logits.len()];
-        for ((r, o), (&t, &gi)) in
-            logits.chunks_exact(v).zip(out.chunks_exact_mut(v)).zip(targets.iter().zip(g))
-        {
+        for_each_row(&mut out, v, |i, o| {
+            let (r, gi) = (&logits[i * v..(i + 1) * v], g[i]);
             let lse = row_logsumexp(r);
             for (oj, &lj) in o.iter_mut().zip(r) {
                 *oj = -gi * (lj - lse).exp();
             }
-            o[t as usize] += gi;
-        }
+            o[targets[i] as usize] += gi;
+        });
         Ok((CpuStorage::F32(out), ll.shape().clone()))
     }
 }
@@ -301,6 +484,32 @@ pub fn target_logprob(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
     }
     let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     lsm.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)
+}
+
+/// The gradient of [`target_logprob`] with respect to the logits `[N, V]`, given the
+/// gradient `g` `[N]` of its output: `g_i * (onehot(t_i) - softmax(logits_i))`, in the
+/// logits' dtype (f32 at least).
+pub fn target_logprob_grad(logits: &Tensor, targets: &Tensor, g: &Tensor) -> CResult<Tensor> {
+    let logits = match logits.dtype() {
+        DType::F64 => logits.clone(),
+        _ => logits.to_dtype(DType::F32)?,
+    };
+    let g = g.to_dtype(logits.dtype())?;
+    if fast_path(&[&logits, &g]) {
+        return logits.contiguous()?.apply_op3(
+            &targets.contiguous()?,
+            &g.contiguous()?,
+            TargetLogProbGrad,
+        );
+    }
+    let (n, v) = logits.dims2()?;
+    let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+    let onehot = Tensor::zeros((n, v), logits.dtype(), logits.device())?.scatter_add(
+        &targets.unsqueeze(1)?,
+        &Tensor::ones((n, 1), logits.dtype(), logits.device())?,
+        1,
+    )?;
+    (onehot - probs)?.broadcast_mul(&g.unsqueeze(1)?)
 }
 
 /// Whether autograd would record an op on `t` (it is a variable or derived from one).

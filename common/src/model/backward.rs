@@ -1,0 +1,256 @@
+//! The policy's backward pass, written out by hand.
+//!
+//! candle's autograd works, but on this model it costs about three forwards where the
+//! arithmetic needs two: every op's gradient is added into a zero tensor first, transposed
+//! weight gradients are added through strided copies, and all parameter gradients are held
+//! at once in a `GradStore` beside the accumulator they end up in. Here the forward keeps
+//! exactly the activations the backward needs ([`LayerActivations`]), the backward runs the
+//! layers in reverse with the fused gradient kernels of [`grad_ops`], and each weight
+//! gradient is added into the caller's accumulator (in place on CPU) as soon as it exists,
+//! so no second copy of the gradients is ever held.
+//!
+//! Optionally (`checkpoint`) only each layer's input is kept and the layer's forward is
+//! recomputed just before its backward: activation memory drops from all layers' to one
+//! layer's, for one more forward of compute.
+//!
+//! The autograd path (`Mode::Trainable` + `Tensor::backward`) stays as the reference this
+//! is tested against (`tests/backward.rs`).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+
+use super::grad_ops::{self, accumulate};
+use super::llama::{LayerActivations, LayerContext};
+use super::{ops, Llama};
+use crate::error::{Error, Result};
+use crate::logprob::{response_batch, shared_prompt_batch, ResponseBatch, ResponseLogProbs};
+use crate::logprob::{Sequence, SharedPrompt};
+
+/// What a layer kept for its backward.
+enum Kept {
+    Activations(LayerActivations),
+    /// Activation checkpointing: the input only; the rest is recomputed.
+    Input(Tensor),
+}
+
+/// A forward pass that can be differentiated by [`backward`]: the log-probs it computed
+/// and what it kept to differentiate them.
+pub struct TrainingPass {
+    /// The log-probs, plain values (no autograd graph).
+    pub logprobs: ResponseLogProbs,
+    /// A no-graph view of the model's weights (shares their storage).
+    model: Llama,
+    ctx: LayerContext,
+    /// Token ids, flattened `[B*T]`.
+    ids: Tensor,
+    layers: Vec<Kept>,
+    /// Input of the final norm, `[B*T, H]`.
+    last: Tensor,
+    /// The normed hidden states of the positions that predict response tokens, `[N, H]`.
+    hidden: Tensor,
+    /// Their logits `[N, V]`.
+    logits: Tensor,
+    batch: ResponseBatch,
+}
+
+/// Forward pass over `seqs` (one per row, right-padded) keeping what [`backward`] needs.
+pub fn forward_sequences(
+    model: &Llama,
+    seqs: &[Sequence],
+    checkpoint: bool,
+) -> Result<TrainingPass> {
+    forward(model, response_batch(model, seqs)?, checkpoint)
+}
+
+/// Forward pass over `groups` (a prompt and its responses per row, the prompt computed
+/// once) keeping what [`backward`] needs. The log-probs come in the order of
+/// [`shared_prompt_logprobs`](crate::logprob::shared_prompt_logprobs).
+pub fn forward_shared(
+    model: &Llama,
+    groups: &[SharedPrompt],
+    checkpoint: bool,
+) -> Result<TrainingPass> {
+    forward(model, shared_prompt_batch(model, groups)?, checkpoint)
+}
+
+fn forward(model: &Llama, batch: ResponseBatch, checkpoint: bool) -> Result<TrainingPass> {
+    // Weights as plain tensors: nothing here may build an autograd graph (it would keep
+    // every intermediate alive).
+    let model = model.frozen_view()?;
+    let (mut x, ctx) = model.embed_with_layout(&batch.ids, batch.layout.as_ref())?;
+    let mut layers = Vec::with_capacity(model.num_layers());
+    for i in 0..model.num_layers() {
+        let (y, acts) = model.layer_forward(i, &x, &ctx, !checkpoint)?;
+        layers.push(match acts {
+            Some(a) => Kept::Activations(a),
+            None => Kept::Input(x),
+        });
+        x = y;
+    }
+    let hidden = model.final_norm(&x)?.index_select(&batch.rows, 0)?;
+    let logits = model.logits(&hidden)?; // [N, V]
+    let per_token = ops::target_logprob(&logits, &batch.targets)?;
+    let member = batch.member.to_dtype(per_token.dtype())?;
+    let sums = member.matmul(&per_token.unsqueeze(1)?)?.squeeze(1)?;
+    let logprobs = ResponseLogProbs { sums, per_token, counts: batch.counts.clone() };
+    let ids = batch.ids.flatten_all()?;
+    Ok(TrainingPass { logprobs, model, ctx, ids, layers, last: x, hidden, logits, batch })
+}
+
+/// Where each parameter's gradient goes: its index in `Llama::params()` order.
+struct ParamIndex(HashMap<String, usize>);
+
+impl ParamIndex {
+    fn new(model: &Llama) -> Self {
+        ParamIndex(model.params().iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect())
+    }
+
+    fn get(&self, name: &str) -> usize {
+        self.0[name]
+    }
+}
+
+/// Adds the gradient of `Σ_r dsums[r] · logprob_r` (one value per response of the pass,
+/// in its order) with respect to every parameter into `grads` (one tensor per parameter, in
+/// `Llama::params()` order, usually f32). The pass is consumed: its activations are freed
+/// layer by layer as the backward goes.
+pub fn backward(pass: TrainingPass, dsums: &[f32], grads: &mut [Tensor]) -> Result<()> {
+    let TrainingPass { model, ctx, ids, layers, last, hidden, logits, batch, .. } = pass;
+    let params = model.params();
+    if grads.len() != params.len() {
+        return Err(Error::Input(format!(
+            "{} gradient accumulators for {} parameters",
+            grads.len(),
+            params.len()
+        )));
+    }
+    if dsums.len() != batch.counts.len() {
+        return Err(Error::Input(format!(
+            "{} output gradients for {} responses",
+            dsums.len(),
+            batch.counts.len()
+        )));
+    }
+    let index = ParamIndex::new(&model);
+    let cfg = model.config().clone();
+    let dtype = model.dtype();
+    let device = model.device().clone();
+
+    // Output head: d logp_n = dsums[response of n]; d logits = d logp (onehot - softmax).
+    let dsums = Tensor::from_slice(dsums, dsums.len(), &device)?;
+    let dtok = batch.member.t()?.matmul(&dsums.unsqueeze(1)?)?.squeeze(1)?; // [N]
+    let dlogits = ops::target_logprob_grad(&logits, &batch.targets, &dtok)?.to_dtype(dtype)?;
+    drop(logits);
+    let head = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+    accumulate(&mut grads[index.get(head)], &dlogits.t()?.matmul(&hidden)?)?;
+    let dhidden = dlogits.matmul(model.lm_head())?; // [N, H]
+    drop(dlogits);
+    let (bt, h) = last.dims2()?;
+    let dnormed = Tensor::zeros((bt, h), dtype, &device)?.index_add(&batch.rows, &dhidden, 0)?;
+    let (mut dx, dnorm) =
+        grad_ops::rms_norm_grad(&last, model.norm_weight(), &dnormed, cfg.rms_norm_eps)?;
+    accumulate(&mut grads[index.get("model.norm.weight")], &dnorm)?;
+
+    for (i, kept) in layers.into_iter().enumerate().rev() {
+        let acts = match kept {
+            Kept::Activations(a) => a,
+            Kept::Input(x) => model
+                .layer_forward(i, &x, &ctx, true)?
+                .1
+                .expect("layer_forward keeps activations when asked"),
+        };
+        dx = layer_backward(&model, i, acts, &dx, &ctx, &index, grads)?;
+    }
+
+    // Embedding rows: each token's gradient goes to its id's row.
+    let e = index.get("model.embed_tokens.weight");
+    let dx = dx.to_dtype(grads[e].dtype())?;
+    let rows = ids.unsqueeze(1)?.broadcast_as((bt, h))?.contiguous()?;
+    if grads[e].is_contiguous() {
+        grads[e].scatter_add_set(&rows, &dx, 0)?;
+    } else {
+        grads[e] = grads[e].scatter_add(&rows, &dx, 0)?;
+    }
+    Ok(())
+}
+
+/// The backward of decoder layer `i`: adds its weights' gradients into `grads` and returns
+/// the gradient of its input, given `dy`, the gradient of its output.
+fn layer_backward(
+    model: &Llama,
+    i: usize,
+    a: LayerActivations,
+    dy: &Tensor,
+    ctx: &LayerContext,
+    index: &ParamIndex,
+    grads: &mut [Tensor],
+) -> Result<Tensor> {
+    let cfg = model.config();
+    let w = model.layer_weights(i);
+    let eps = cfg.rms_norm_eps;
+    let (b, t) = (ctx.b, ctx.t);
+    let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let rep = nh / nkv;
+    let p = format!("model.layers.{i}");
+    let mut add = |name: &str, g: Tensor| -> Result<()> {
+        Ok(accumulate(&mut grads[index.get(&format!("{p}.{name}"))], &g)?)
+    };
+
+    // MLP: y = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2).
+    let m = ops::swiglu(&a.gate, &a.up)?;
+    add("mlp.down_proj.weight", dy.t()?.matmul(&m)?)?;
+    drop(m);
+    let dm = dy.matmul(w.down)?;
+    let (dgate, dup) = grad_ops::swiglu_grad(&a.gate, &a.up, &dm)?;
+    drop(dm);
+    let h2 = ops::rms_norm(&a.x2, w.post_norm, eps)?;
+    add("mlp.gate_proj.weight", dgate.t()?.matmul(&h2)?)?;
+    add("mlp.up_proj.weight", dup.t()?.matmul(&h2)?)?;
+    drop(h2);
+    let dh2 = (dgate.matmul(w.gate)? + dup.matmul(w.up)?)?;
+    drop((dgate, dup));
+    let (dx2, dpost) = grad_ops::rms_norm_grad(&a.x2, w.post_norm, &dh2, eps)?;
+    add("post_attention_layernorm.weight", dpost)?;
+    let dx2 = (dy + dx2)?;
+
+    // Attention: x2 = x + o(attn), attn = softmax(scale q kᵀ + mask) v per head.
+    add("self_attn.o_proj.weight", dx2.t()?.matmul(&a.attn)?)?;
+    let dattn = dx2.matmul(w.o)?; // [B*T, nh*d]
+    let dattn = dattn.reshape((b, t, nh, d))?.transpose(1, 2)?.contiguous()?;
+    let dattn = dattn.reshape((b, nkv, rep * t, d))?;
+    let dprobs = dattn.matmul(&a.v.t()?)?; // [B, nkv, rep*T, T]
+    let dv = a.probs.t()?.matmul(&dattn)?; // [B, nkv, T, d]
+    drop(dattn);
+    let scale = 1.0 / (d as f64).sqrt();
+    let dscores = grad_ops::softmax_grad(&a.probs, &dprobs, scale)?;
+    drop(dprobs);
+    let dq = dscores.matmul(&a.k)?; // [B, nkv, rep*T, d]
+    let dk = dscores.t()?.matmul(&a.q)?; // [B, nkv, T, d]
+    drop(dscores);
+    let dq = dq.reshape((b, nh, t, d))?.transpose(1, 2)?.contiguous()?; // [B, T, nh, d]
+    let dq = ops::rope_grad(&dq, &ctx.cos, &ctx.sin)?.reshape((b * t, nh * d))?;
+    let dk = dk.transpose(1, 2)?.contiguous()?;
+    let dk = ops::rope_grad(&dk, &ctx.cos, &ctx.sin)?.reshape((b * t, nkv * d))?;
+    let dv = dv.transpose(1, 2)?.contiguous()?.reshape((b * t, nkv * d))?;
+    let h1 = ops::rms_norm(&a.x, w.input_norm, eps)?;
+    add("self_attn.q_proj.weight", dq.t()?.matmul(&h1)?)?;
+    add("self_attn.k_proj.weight", dk.t()?.matmul(&h1)?)?;
+    add("self_attn.v_proj.weight", dv.t()?.matmul(&h1)?)?;
+    drop(h1);
+    let dh1 = ((dq.matmul(w.q)? + dk.matmul(w.k)?)? + dv.matmul(w.v)?)?;
+    let (dx, din) = grad_ops::rms_norm_grad(&a.x, w.input_norm, &dh1, eps)?;
+    add("input_layernorm.weight", din)?;
+    Ok((dx2 + dx)?)
+}
+
+/// Zero gradient accumulators for every parameter of `model`, in `params()` order: f32
+/// (so that bf16 gradients of many micro-batches sum without loss), f64 for an f64 model.
+pub fn zero_grads(model: &Llama) -> Result<Vec<Tensor>> {
+    let dtype = if model.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    Ok(model
+        .params()
+        .iter()
+        .map(|(_, p)| Tensor::zeros(p.shape(), dtype, p.device()))
+        .collect::<candle_core::Result<Vec<_>>>()?)
+}

@@ -1,0 +1,187 @@
+//! The hand-written backward (`model::backward`) against candle's autograd on tiny random
+//! models, and shared-prompt rows against separate sequences.
+//!
+//! Autograd itself is checked against finite differences in `tests/model.rs`, so agreeing
+//! with it here (to 1e-10 in f64, where both run the composite ops, and to f32 rounding
+//! with the CPU kernels) pins the hand-written gradients to the true ones.
+
+use candle_core::{DType, Device, Tensor};
+use dpo_common::logprob::{response_logprobs, shared_prompt_logprobs, Sequence, SharedPrompt};
+use dpo_common::model::backward::{backward, forward_sequences, forward_shared, zero_grads};
+use dpo_common::model::{Llama, Mode};
+use dpo_common::testing::{tiny_config, tiny_tokenizer, tiny_weights, TinySpec};
+
+fn pairs() -> Vec<SharedPrompt> {
+    let tok = tiny_tokenizer();
+    [
+        ("What is 2+2?", "4", "Five, I think."),
+        ("Name a colour.", "A deep shade of blue, like the sea.", "No."),
+        ("Hi", "", "Hello there!"),
+    ]
+    .iter()
+    .map(|(p, c, r)| {
+        let c = tok.encode_prompt_response(p, c).unwrap();
+        let r = tok.encode_prompt_response(p, r).unwrap();
+        assert_eq!(c.ids[..c.response_start], r.ids[..r.response_start]);
+        SharedPrompt {
+            prompt: c.ids[..c.response_start].to_vec(),
+            responses: vec![c.ids[c.response_start..].to_vec(), r.ids[r.response_start..].to_vec()],
+        }
+    })
+    .collect()
+}
+
+/// The pairs as separate sequences, in response order.
+fn sequences(groups: &[SharedPrompt]) -> Vec<Sequence> {
+    groups
+        .iter()
+        .flat_map(|g| {
+            g.responses.iter().map(|r| Sequence {
+                ids: [g.prompt.as_slice(), r].concat(),
+                response_start: g.prompt.len(),
+            })
+        })
+        .collect()
+}
+
+fn model(spec: &TinySpec, mode: Mode, dtype: DType) -> Llama {
+    let cfg = tiny_config(spec);
+    let w = tiny_weights(&cfg, spec.seed).unwrap();
+    Llama::from_weights(cfg, w, mode, dtype, &Device::Cpu).unwrap()
+}
+
+/// Arbitrary output weights, one per response, so every response matters differently.
+fn dsums(n: usize) -> Vec<f32> {
+    (0..n).map(|i| 0.7 - 0.45 * i as f32).collect()
+}
+
+/// Gradients of Σ dsums·logprobs by autograd, in `params()` order.
+fn autograd_grads(m: &Llama, seqs: &[Sequence], w: &[f32]) -> Vec<Tensor> {
+    let lp = response_logprobs(m, seqs).unwrap();
+    let w =
+        Tensor::from_slice(w, w.len(), &Device::Cpu).unwrap().to_dtype(lp.sums.dtype()).unwrap();
+    let grads = (lp.sums * w).unwrap().sum_all().unwrap().backward().unwrap();
+    m.params()
+        .iter()
+        .map(|(_, p)| grads.get(p).expect("every weight has a gradient").clone())
+        .collect()
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    let diff = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let norm = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    (diff / norm.max(1e-300)).sqrt()
+}
+
+fn check(spec: TinySpec, dtype: DType, shared: bool, checkpoint: bool, tol: f64) {
+    let groups = pairs();
+    let seqs = sequences(&groups);
+    let w = dsums(seqs.len());
+    let reference = autograd_grads(&model(&spec, Mode::Trainable, dtype), &seqs, &w);
+
+    // The hand-written backward runs on either mode (it never builds a graph).
+    for mode in [Mode::Trainable, Mode::Frozen] {
+        let m = model(&spec, mode, dtype);
+        let pass = if shared {
+            forward_shared(&m, &groups, checkpoint).unwrap()
+        } else {
+            forward_sequences(&m, &seqs, checkpoint).unwrap()
+        };
+        assert!(!pass.logprobs.sums.track_op(), "the training forward built a graph");
+        let expected = response_logprobs(&m, &seqs).unwrap().sums_vec().unwrap();
+        for (a, b) in pass.logprobs.sums_vec().unwrap().iter().zip(&expected) {
+            assert!((a - b).abs() < tol.max(1e-12) * 100.0, "log-prob {a} vs {b}");
+        }
+        let mut grads = zero_grads(&m).unwrap();
+        backward(pass, &w, &mut grads).unwrap();
+        for ((name, _), (g, r)) in m.params().iter().zip(grads.iter().zip(&reference)) {
+            let e = rel_err(g, r);
+            assert!(e < tol, "{name}: relative error {e:e} (dtype {dtype:?}, shared {shared}, checkpoint {checkpoint}, {mode:?})");
+        }
+    }
+}
+
+#[test]
+fn matches_autograd_in_f64_through_the_composite_ops() {
+    for tied in [false, true] {
+        let spec = TinySpec { tied, ..TinySpec::default() };
+        check(spec, DType::F64, false, false, 1e-10);
+    }
+}
+
+#[test]
+fn matches_autograd_in_f32_through_the_cpu_kernels() {
+    check(TinySpec::default(), DType::F32, false, false, 2e-5);
+    check(
+        TinySpec { tied: true, kv_heads: 4, ..TinySpec::default() },
+        DType::F32,
+        false,
+        false,
+        2e-5,
+    );
+}
+
+#[test]
+fn shared_prompts_give_the_gradients_of_separate_sequences() {
+    check(TinySpec::default(), DType::F64, true, false, 1e-10);
+    check(TinySpec::default(), DType::F32, true, false, 2e-5);
+}
+
+#[test]
+fn checkpointing_changes_nothing() {
+    check(TinySpec::default(), DType::F64, true, true, 1e-10);
+    check(TinySpec::default(), DType::F32, false, true, 2e-5);
+}
+
+#[test]
+fn gradients_accumulate_over_passes() {
+    let spec = TinySpec::default();
+    let m = model(&spec, Mode::Frozen, DType::F64);
+    let groups = pairs();
+    let w = dsums(2);
+    let mut twice = zero_grads(&m).unwrap();
+    for _ in 0..2 {
+        backward(forward_shared(&m, &groups[..1], false).unwrap(), &w, &mut twice).unwrap();
+    }
+    let mut once = zero_grads(&m).unwrap();
+    backward(forward_shared(&m, &groups[..1], false).unwrap(), &w, &mut once).unwrap();
+    for (a, b) in twice.iter().zip(&once) {
+        assert!(rel_err(a, &(b * 2.0).unwrap()) < 1e-6);
+    }
+}
+
+#[test]
+fn shared_prompt_logprobs_equal_separate_sequences() {
+    for dtype in [DType::F32, DType::F64] {
+        let m = model(&TinySpec::default(), Mode::Frozen, dtype);
+        let groups = pairs();
+        let shared = shared_prompt_logprobs(&m, &groups).unwrap();
+        let separate = response_logprobs(&m, &sequences(&groups)).unwrap();
+        assert_eq!(shared.counts, separate.counts);
+        for (a, b) in shared.sums_vec().unwrap().iter().zip(separate.sums_vec().unwrap()) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+        // One at a time too (rows of different lengths pad differently).
+        for (g, s) in groups.iter().zip(sequences(&groups).chunks(2)) {
+            let one = shared_prompt_logprobs(&m, std::slice::from_ref(g)).unwrap();
+            let sep = response_logprobs(&m, s).unwrap();
+            for (a, b) in one.sums_vec().unwrap().iter().zip(sep.sums_vec().unwrap()) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_shared_prompts_are_named() {
+    let m = model(&TinySpec::default(), Mode::Frozen, DType::F32);
+    let err = |g: SharedPrompt| shared_prompt_logprobs(&m, &[g]).err().unwrap().to_string();
+    let e = err(SharedPrompt { prompt: vec![1, 2], responses: vec![] });
+    assert!(e.contains("without responses"), "{e}");
+    let e = err(SharedPrompt { prompt: vec![1, 2], responses: vec![vec![3], vec![]] });
+    assert!(e.contains("response 1") && e.contains("no response tokens"), "{e}");
+    let e = err(SharedPrompt { prompt: vec![1, 2], responses: vec![vec![3, 100_000]] });
+    assert!(e.contains("out of range"), "{e}");
+}
