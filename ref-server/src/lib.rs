@@ -7,11 +7,13 @@
 //! gRPC service and the local scoring CLI), [`auth`], [`message_limit`] (the request-size
 //! limit reported as `INVALID_ARGUMENT`), [`service`] (the tonic `Reference`
 //! implementation), [`server`] (transport: listen, TLS, health, reflection, shutdown) and
-//! [`score_cli`] (the JSONL scoring command). `main.rs` only parses the command line.
+//! [`score_cli`] (the JSONL scoring command), with [`connect`] (the connection flags every
+//! client command shares). `main.rs` only parses the command line.
 
 pub mod auth;
 pub mod batcher;
 pub mod config;
+pub mod connect;
 pub mod engine;
 pub mod message_limit;
 pub mod score_cli;

@@ -3,14 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use dpo_common::template::Template;
-use dpo_proto::client::{ClientOptions, RefClient};
 use dpo_proto::token::load_token;
 use ref_server::config::LimitArgs;
+use ref_server::connect::ConnectArgs;
 use ref_server::engine::Engine;
 use ref_server::score_cli::{self, ScoreOptions, Scorer};
 use ref_server::server::{serve, ServeOptions};
@@ -66,40 +65,14 @@ struct ServeArgs {
     tls_key: Option<PathBuf>,
 }
 
+// `--server` comes from the shared connection flags, without their default URL: the
+// command needs it or --model, not both.
 #[derive(clap::Args)]
-struct ConnectArgs {
-    /// Server URL, http://HOST:PORT or https://HOST:PORT.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    server: String,
-    /// PEM CA certificate to trust for https:// (default: system roots).
-    #[arg(long)]
-    tls_ca: Option<PathBuf>,
-    /// Server name to check the certificate against (default: the URL's host).
-    #[arg(long)]
-    tls_domain: Option<String>,
-    /// Bearer token file (else env DPO_AUTH_TOKEN).
-    #[arg(long)]
-    auth_token_file: Option<PathBuf>,
-    /// Seconds to wait for the connection.
-    #[arg(long, default_value_t = 10)]
-    connect_timeout: u64,
-}
-
-impl ConnectArgs {
-    async fn connect(&self) -> Result<RefClient> {
-        let opts = ClientOptions {
-            url: self.server.clone(),
-            token: load_token(self.auth_token_file.as_deref())?,
-            ca_cert: self.tls_ca.clone(),
-            tls_domain: self.tls_domain.clone(),
-            connect_timeout: Duration::from_secs(self.connect_timeout),
-            ..ClientOptions::default()
-        };
-        Ok(RefClient::connect(&opts).await?)
-    }
-}
-
-#[derive(clap::Args)]
+#[command(mut_arg("server", |a| a
+    .default_value(None::<&str>)
+    .required_unless_present("model")
+    .conflicts_with("model")
+    .help("Score against this running server (else --model)")))]
 struct ScoreArgs {
     /// Input JSONL (`-` = stdin).
     #[arg(long, default_value = "-")]
@@ -107,10 +80,7 @@ struct ScoreArgs {
     /// Output JSONL (`-` = stdout).
     #[arg(long, default_value = "-")]
     output: PathBuf,
-    /// Score against this running server ...
-    #[arg(long, conflicts_with = "model", required_unless_present = "model")]
-    server: Option<String>,
-    /// ... or load this model locally (Hugging Face directory or .gguf).
+    /// Score with this model loaded here instead (Hugging Face directory or .gguf).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Local model: `cpu` or `cuda:N`.
@@ -125,15 +95,8 @@ struct ScoreArgs {
     /// Input lines per request.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-    /// Server: PEM CA certificate for https://.
-    #[arg(long)]
-    tls_ca: Option<PathBuf>,
-    /// Server: name to check the certificate against.
-    #[arg(long)]
-    tls_domain: Option<String>,
-    /// Server: bearer token file (else env DPO_AUTH_TOKEN).
-    #[arg(long)]
-    auth_token_file: Option<PathBuf>,
+    #[command(flatten, next_help_heading = "Connection (with --server)")]
+    connect: ConnectArgs,
 }
 
 fn init_logging() {
@@ -175,19 +138,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             .await?;
         }
         Command::Score(a) => {
-            let scorer = match (&a.server, &a.model) {
-                (Some(url), _) => Scorer::Remote(Box::new(
-                    ConnectArgs {
-                        server: url.clone(),
-                        tls_ca: a.tls_ca.clone(),
-                        tls_domain: a.tls_domain.clone(),
-                        auth_token_file: a.auth_token_file.clone(),
-                        connect_timeout: 10,
-                    }
-                    .connect()
-                    .await?,
-                )),
-                (None, Some(model)) => {
+            // clap lets exactly one of --server and --model through.
+            let scorer = match &a.model {
+                None => Scorer::Remote(Box::new(a.connect.connect().await?)),
+                Some(model) => {
                     let (model, device, dtype) = (model.clone(), a.device.clone(), a.dtype.clone());
                     let engine = tokio::task::spawn_blocking(move || {
                         Engine::load(&model, &device, &dtype, &LimitArgs::default_for_cli())
@@ -196,7 +150,6 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     .context("model loading panicked")??;
                     Scorer::Local(Arc::new(engine))
                 }
-                (None, None) => unreachable!("clap requires --server or --model"),
             };
             let opts = ScoreOptions {
                 input: a.input,
@@ -208,11 +161,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             tracing::info!("scored {n} lines");
         }
         Command::Health(a) => {
-            let serving = a.connect().await?.health().await?;
-            if serving {
+            let client = a.connect().await?;
+            if client.health().await? {
                 println!("SERVING");
             } else {
-                eprintln!("{} is up but NOT_SERVING (still loading the model?)", a.server);
+                eprintln!("{} is up but NOT_SERVING (still loading the model?)", client.url());
                 return Ok(ExitCode::from(1));
             }
         }
@@ -243,4 +196,64 @@ fn info_json(i: &dpo_proto::client::ModelInfo) -> serde_json::Value {
         "max_message_bytes": i.max_message_bytes,
         "batch_token_budget": i.batch_token_budget,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ref-server").chain(args.iter().copied()))
+    }
+
+    fn connect(args: &[&str]) -> ConnectArgs {
+        match parse(args).unwrap().command {
+            Command::Health(c) | Command::Info(c) => c,
+            Command::Score(s) => s.connect,
+            Command::Serve(_) => panic!("serve has no connection flags"),
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_client_command_takes_the_connection_flags() {
+        let flags = [
+            "--server",
+            "https://h:1",
+            "--tls-ca",
+            "ca.pem",
+            "--tls-domain",
+            "localhost",
+            "--auth-token-file",
+            "t",
+            "--connect-timeout",
+            "2",
+        ];
+        for cmd in ["health", "info", "score"] {
+            let c = connect(&[&[cmd][..], &flags].concat());
+            assert_eq!(c.server.as_deref(), Some("https://h:1"), "{cmd}");
+            assert_eq!(c.tls_ca, Some(PathBuf::from("ca.pem")), "{cmd}");
+            assert_eq!(c.tls_domain.as_deref(), Some("localhost"), "{cmd}");
+            assert_eq!(c.auth_token_file, Some(PathBuf::from("t")), "{cmd}");
+            assert_eq!(c.connect_timeout, 2, "{cmd}");
+        }
+        // health and info default to serve's default address.
+        assert_eq!(connect(&["health"]).server.as_deref(), Some("http://127.0.0.1:50051"));
+        assert_eq!(connect(&["info"]).connect_timeout, 10);
+    }
+
+    #[test]
+    fn score_needs_exactly_one_of_server_and_model() {
+        assert!(parse(&["score", "--model", "m.gguf"]).is_ok());
+        assert_eq!(connect(&["score", "--model", "m.gguf"]).server, None);
+        assert!(parse(&["score", "--server", "http://h:1"]).is_ok());
+        let neither = parse(&["score"]).err().expect("neither");
+        assert!(neither.to_string().contains("--server"), "{neither}");
+        assert!(parse(&["score", "--server", "http://h:1", "--model", "m"]).is_err());
+    }
 }
