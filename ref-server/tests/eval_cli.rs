@@ -184,3 +184,120 @@ fn a_judge_without_references_is_refused_before_generating() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--reference-outputs"));
 }
+
+fn eval_fails(args: &[&str]) -> String {
+    let out = Command::new(EVAL).args(args).env("RUST_LOG", "warn").output().expect("run dpo-eval");
+    assert!(!out.status.success(), "dpo-eval {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Everything a report says about the model's answers: the headline numbers but the
+/// timings, the groups, the settings and every example.
+fn answers(r: &Value) -> Value {
+    let mut metrics = r["metrics"].as_object().unwrap().clone();
+    metrics.remove("seconds");
+    metrics.remove("examples_per_second");
+    serde_json::json!({
+        "metrics": metrics, "groups": r["groups"], "settings": r["settings"],
+        "examples": r["examples"], "fingerprint": r["fingerprint"],
+    })
+}
+
+#[test]
+fn server_runs_give_the_local_runs_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(dir.path());
+    let server = common::Server::start(&model, &[], &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(server.ready_client(&server.options()));
+    let m = model.to_str().unwrap();
+    let d = dir.path();
+    let path = |n: &str| d.join(n).to_string_lossy().into_owned();
+    let (gsm, mmlu) = (fixture("gsm8k.jsonl"), fixture("mmlu"));
+
+    // (subcommand, input, extra flags): greedy, so both sides must pick the same tokens.
+    let runs: [(&str, &Path, &[&str]); 3] = [
+        ("gsm8k", &gsm, &["--max-new-tokens", "12"]),
+        ("mmlu", &mmlu, &["--by-logprob"]),
+        ("mmlu", &mmlu, &["--max-new-tokens", "6"]),
+    ];
+    for (k, (cmd, input, extra)) in runs.into_iter().enumerate() {
+        let (local_out, remote_out) =
+            (path(&format!("local{k}.json")), path(&format!("remote{k}.json")));
+        let input = input.to_str().unwrap();
+        let mut a = vec![cmd, "--model", m, "--input", input, "--out", &local_out];
+        a.extend(extra);
+        eval(&a);
+        // Two questions per Score request and two requests in flight: batching on the
+        // server must not change the answers.
+        let mut a = vec![cmd, "--server", &server.url, "--input", input, "--out", &remote_out];
+        a.extend(["--batch-size", "2", "--in-flight", "2"]);
+        a.extend(extra);
+        let table = eval(&a);
+        assert!(table.contains(&server.url), "the table names the server: {table}");
+
+        let (local, remote) = (read_json(Path::new(&local_out)), read_json(Path::new(&remote_out)));
+        // The report says which weights and which server produced it.
+        assert_eq!(remote["server"], server.url.as_str());
+        assert_eq!(remote["model"], local["model"], "the path the server loaded");
+        assert!(local.get("server").is_none());
+        assert!(remote["fingerprint"].as_str().unwrap().starts_with("sha256:"));
+
+        if extra.contains(&"--by-logprob") {
+            // Log-probs agree up to the server's padding; the picks exactly.
+            let (le, re) =
+                (local["examples"].as_array().unwrap(), remote["examples"].as_array().unwrap());
+            assert_eq!(le.len(), re.len());
+            for (l, r) in le.iter().zip(re) {
+                assert_eq!(l["predicted"], r["predicted"]);
+                let (ll, rl) =
+                    (l["logprobs"].as_array().unwrap(), r["logprobs"].as_array().unwrap());
+                for (x, y) in ll.iter().zip(rl) {
+                    let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                    assert!((x - y).abs() < 1e-4 * x.abs().max(1.0), "{x} vs {y}");
+                }
+            }
+            let strip = |mut v: Value| {
+                for e in v["examples"].as_array_mut().unwrap() {
+                    e.as_object_mut().unwrap().remove("logprobs");
+                }
+                v
+            };
+            assert_eq!(strip(answers(&local)), strip(answers(&remote)), "{cmd} {extra:?}");
+        } else {
+            assert_eq!(answers(&local), answers(&remote), "{cmd} {extra:?}");
+            let outputs: Vec<&str> = local["examples"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["output"].as_str().unwrap())
+                .collect();
+            assert!(outputs.iter().any(|o| !o.is_empty()), "nothing generated: {outputs:?}");
+        }
+    }
+}
+
+#[test]
+fn model_or_server_exactly_one_and_an_unreachable_server_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let gsm = fixture("gsm8k.jsonl");
+    let gsm = gsm.to_str().unwrap();
+    let out = dir.path().join("r.json");
+    let out = out.to_str().unwrap();
+
+    let e = eval_fails(&["gsm8k", "--input", gsm, "--out", out]);
+    assert!(e.contains("--model") && e.contains("--server"), "{e}");
+    let both = ["gsm8k", "--model", "m", "--server", "http://127.0.0.1:1", "--input", gsm];
+    let e = eval_fails(&both);
+    assert!(e.contains("--model") && e.contains("cannot be used with"), "{e}");
+
+    // Port 1 on loopback: nothing listens there.
+    let e = eval_fails(
+        &["mmlu", "--by-logprob", "--server", "http://127.0.0.1:1", "--input"]
+            .into_iter()
+            .chain([fixture("mmlu").to_str().unwrap(), "--out", out])
+            .collect::<Vec<_>>(),
+    );
+    assert!(e.contains("cannot reach") && e.contains("http://127.0.0.1:1"), "{e}");
+    assert!(!Path::new(out).exists(), "no report from a failed run");
+}

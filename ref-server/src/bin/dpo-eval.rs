@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use dpo_common::generate::GenerateParams;
 use dpo_common::model::{load_model, parse_dtype, Mode};
@@ -14,6 +14,7 @@ use dpo_proto::token::load_token;
 #[path = "../eval/mod.rs"]
 mod eval;
 
+use eval::backend::{Backend, Local, Remote};
 use eval::data;
 use eval::judge::Judge;
 use eval::prompts::EvalTemplate;
@@ -58,7 +59,8 @@ enum Command {
         /// Where the outputs JSON goes (default: `outputs.json` beside --out).
         #[arg(long)]
         outputs: Option<PathBuf>,
-        /// `generator` name in the outputs (default: the model's file or directory name).
+        /// `generator` name in the outputs (default: the model's file or directory name; with
+        /// --server, that of the path the server loaded).
         #[arg(long)]
         generator: Option<String>,
         /// AlpacaEval-format file with the reference outputs to judge against (the
@@ -89,10 +91,34 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+#[command(group(
+    clap::ArgGroup::new("under_test").args(["model", "server"]).required(true).multiple(false)
+))]
 struct ModelArgs {
-    /// Model under test: a Hugging Face directory (e.g. a trainer's `best/`) or a .gguf.
-    #[arg(long)]
-    model: PathBuf,
+    /// Model under test, loaded here: a Hugging Face directory (e.g. a trainer's `best/`)
+    /// or a .gguf. Either this or --server.
+    #[arg(long, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// Or evaluate the model a running `ref-server` holds (http://HOST:PORT or https://…):
+    /// generation through its Generate RPC, MMLU --by-logprob through Score.
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// With --server: bearer token file (else env DPO_AUTH_TOKEN).
+    #[arg(long, conflicts_with = "model")]
+    auth_token_file: Option<PathBuf>,
+    /// With --server: PEM CA certificate to trust for https:// (default: system roots).
+    #[arg(long, conflicts_with = "model")]
+    tls_ca: Option<PathBuf>,
+    /// With --server: name to check its certificate against (default: the URL's host).
+    #[arg(long, conflicts_with = "model")]
+    tls_domain: Option<String>,
+    /// With --server: seconds to wait for the connection.
+    #[arg(long, default_value_t = 30)]
+    connect_timeout: u64,
+    /// With --server: requests kept in flight. The server runs one generation at a time
+    /// (the others wait there), so more than 2 only pays off for MMLU --by-logprob scoring.
+    #[arg(long, default_value_t = 2)]
+    in_flight: usize,
     /// The benchmark file in its released format (`.gz` is read too).
     #[arg(long)]
     input: PathBuf,
@@ -119,13 +145,14 @@ struct ModelArgs {
     /// "# Query:" and "```", raw: none).
     #[arg(long)]
     stop: Vec<String>,
-    /// Prompts generated together (left-padded batch).
+    /// Prompts generated together (left-padded batch); with --server, questions per Score
+    /// request for MMLU --by-logprob.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    /// `cpu` or `cuda:N`.
+    /// With --model: `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Compute dtype: f32, bf16 or f16.
+    /// With --model: compute dtype, f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// The JSON report.
@@ -177,11 +204,8 @@ impl JudgeArgs {
 }
 
 impl ModelArgs {
-    fn load(&self) -> Result<Evaluated> {
-        let device = dpo_common::device::parse_device(&self.device)?;
-        let dtype = parse_dtype(&self.dtype)?;
-        let loaded = load_model(&self.model, Mode::Frozen, dtype, &device)
-            .with_context(|| format!("loading {}", self.model.display()))?;
+    /// The decoding settings, checked before anything is loaded or connected.
+    fn params(&self) -> Result<GenerateParams> {
         let stop =
             if self.stop.is_empty() { self.template.default_stops() } else { self.stop.clone() };
         let params = GenerateParams {
@@ -193,9 +217,36 @@ impl ModelArgs {
             stop_at_eos: true,
         };
         params.validate()?;
+        Ok(params)
+    }
+
+    /// Loads the model (--model) or connects to the server holding it (--server).
+    async fn load(&self) -> Result<Evaluated> {
+        let params = self.params()?;
+        let backend = match (&self.model, &self.server) {
+            (Some(path), None) => {
+                let device = dpo_common::device::parse_device(&self.device)?;
+                let dtype = parse_dtype(&self.dtype)?;
+                let loaded = load_model(path, Mode::Frozen, dtype, &device)
+                    .with_context(|| format!("loading {}", path.display()))?;
+                Backend::Local(Box::new(Local { loaded, model_arg: path.display().to_string() }))
+            }
+            (None, Some(url)) => {
+                let opts = ClientOptions {
+                    url: url.clone(),
+                    token: load_token(self.auth_token_file.as_deref())?,
+                    ca_cert: self.tls_ca.clone(),
+                    tls_domain: self.tls_domain.clone(),
+                    connect_timeout: Duration::from_secs(self.connect_timeout),
+                    ..ClientOptions::default()
+                };
+                Backend::Remote(Box::new(Remote::connect(&opts, self.in_flight).await?))
+            }
+            // clap's `under_test` group makes these unreachable; say so plainly anyway.
+            _ => bail!("give exactly one of --model PATH (load it here) or --server URL"),
+        };
         Ok(Evaluated {
-            loaded,
-            model_arg: self.model.display().to_string(),
+            backend,
             template: self.template,
             params,
             batch_size: self.batch_size,
@@ -221,8 +272,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Gsm8k(args) => {
             let examples = take(data::read_gsm8k(&args.input)?, args.limit)?;
-            let ev = args.load()?;
-            finish(&run::gsm8k(&ev, &examples)?, &args.out)
+            let ev = rt.block_on(args.load())?;
+            finish(&rt.block_on(run::gsm8k(&ev, &examples))?, &args.out)
         }
         Command::Mmlu { args, by_logprob, per_subject } => {
             let mut examples = data::read_mmlu(&args.input)?;
@@ -235,8 +286,8 @@ fn run(cli: Cli) -> Result<()> {
                 });
             }
             let examples = take(examples, args.limit)?;
-            let ev = args.load()?;
-            finish(&run::mmlu(&ev, &examples, by_logprob)?, &args.out)
+            let ev = rt.block_on(args.load())?;
+            finish(&rt.block_on(run::mmlu(&ev, &examples, by_logprob))?, &args.out)
         }
         Command::Alpacaeval { args, outputs, generator, reference_outputs, judge } => {
             let examples = take(data::read_alpaca_eval(&args.input)?, args.limit)?;
@@ -249,10 +300,11 @@ fn run(cli: Cli) -> Result<()> {
             };
             // Connect first: a wrong judge URL should fail before minutes of generation.
             let judge = rt.block_on(judge.connect())?;
-            let ev = args.load()?;
+            let ev = rt.block_on(args.load())?;
             let outputs = outputs.unwrap_or_else(|| beside(&args.out, "outputs.json"));
             let generator = generator.unwrap_or_else(|| {
-                args.model
+                let model = PathBuf::from(ev.backend.identity().model);
+                model
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or("model".into())
@@ -265,7 +317,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Safety { args, outputs, judge } => {
             let examples = take(data::read_safety(&args.input)?, args.limit)?;
             let judge = rt.block_on(judge.connect())?;
-            let ev = args.load()?;
+            let ev = rt.block_on(args.load())?;
             let outputs = outputs.unwrap_or_else(|| beside(&args.out, "safety_outputs.jsonl"));
             let report = rt.block_on(run::safety(&ev, &examples, &outputs, judge.as_ref()))?;
             println!("outputs: {}", outputs.display());

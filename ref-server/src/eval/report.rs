@@ -11,10 +11,13 @@ use serde_json::Value;
 pub struct Report {
     /// `gsm8k`, `mmlu`, `alpacaeval` or `safety`.
     pub benchmark: String,
-    /// The model path as given.
+    /// The model path as given (with `server`: the path that server loaded).
     pub model: String,
     /// `dpo_common::fingerprint` of the model: which weights produced these numbers.
     pub fingerprint: String,
+    /// The `ref-server` URL that generated and scored, when the model ran there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
     pub input: String,
     /// Everything that changes the numbers: template, decoding, limit, judge.
     pub settings: BTreeMap<String, Value>,
@@ -67,10 +70,22 @@ impl Report {
         }
     }
 
+    /// The model as a reader should see it: its path, and the server it ran on if any.
+    pub fn model_label(&self) -> String {
+        match &self.server {
+            Some(url) => format!("{} @ {url}", self.model),
+            None => self.model.clone(),
+        }
+    }
+
     /// The short table printed after a run.
     pub fn table(&self) -> String {
-        let mut s =
-            format!("{} · {} ({} examples)\n", self.benchmark, self.model, self.examples.len());
+        let mut s = format!(
+            "{} · {} ({} examples)\n",
+            self.benchmark,
+            self.model_label(),
+            self.examples.len()
+        );
         if self.groups.len() > MAX_PRINTED_GROUPS {
             s += &format!("  ({} per-group numbers in the report)\n", self.groups.len());
         }
@@ -115,7 +130,10 @@ pub fn compare(a: &Report, b: &Report, a_name: &str, b_name: &str) -> String {
     let order: Vec<String> = order.into_iter().filter(|k| seen.insert(k.clone())).collect();
     let w = order.iter().map(|k| k.len()).max().unwrap_or(6).max(6);
     let (wa, wb) = (a_name.len().max(10), b_name.len().max(10));
-    s += &format!("{} · {} vs {}\n", a.benchmark, a.model, b.model);
+    s += &format!("{} · {} vs {}\n", a.benchmark, a.model_label(), b.model_label());
+    if a.fingerprint == b.fingerprint {
+        s += "note: both reports come from the same weights (same fingerprint)\n";
+    }
     if a.groups.len().max(b.groups.len()) > MAX_PRINTED_GROUPS {
         s += "  (per-group numbers: see the reports)\n";
     }
@@ -149,6 +167,7 @@ mod tests {
             benchmark: "mmlu".into(),
             model: "sft".into(),
             fingerprint: "f".into(),
+            server: None,
             input: "i".into(),
             settings: BTreeMap::new(),
             metrics: BTreeMap::from([("accuracy".into(), 0.25), ("n".into(), 4.0)]),

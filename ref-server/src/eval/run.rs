@@ -1,16 +1,16 @@
-//! One function per benchmark: build the prompts, generate (or score) with the local model,
-//! parse, score, and return the [`Report`]. Judging goes through [`Judge`] (another server).
+//! One function per benchmark: build the prompts, generate (or score) with the model under
+//! test ([`Backend`]: local or a server), parse, score, and return the [`Report`]. Judging
+//! goes through [`Judge`] (another server).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use dpo_common::generate::{generate, GenerateParams, Generation};
-use dpo_common::logprob::{response_logprobs, Sequence};
-use dpo_common::model::LoadedModel;
+use dpo_common::generate::GenerateParams;
 use serde_json::{json, Value};
 
+use super::backend::{Backend, Completion};
 use super::data::{AlpacaExample, Gsm8kExample, MmluExample, SafetyExample};
 use super::judge::{length_controlled_win_rate, win_rate, Judge};
 use super::parse::{last_number, mmlu_letter, numbers_match};
@@ -19,15 +19,25 @@ use super::report::Report;
 
 /// The model under test with how it is prompted and decoded.
 pub struct Evaluated {
-    pub loaded: LoadedModel,
-    /// The path as the user gave it (goes in the report).
-    pub model_arg: String,
+    pub backend: Backend,
     pub template: EvalTemplate,
     pub params: GenerateParams,
-    /// Prompts per generation batch.
+    /// Local: prompts per generation batch. Remote: prompts per `Score` request.
     pub batch_size: usize,
     pub input: String,
     pub limit: Option<usize>,
+}
+
+fn progress_bar(len: usize, what: &str) -> indicatif::ProgressBar {
+    let progress = indicatif::ProgressBar::new(len as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {what} ({{per_sec}}, eta {{eta}})"
+        ))
+        .expect("valid progress template")
+        .progress_chars("=> "),
+    );
+    progress
 }
 
 impl Evaluated {
@@ -40,10 +50,12 @@ impl Evaluated {
         settings.insert("seed".into(), json!(self.params.seed));
         settings.insert("stop".into(), json!(self.params.stop));
         settings.insert("limit".into(), json!(self.limit));
+        let id = self.backend.identity();
         Report {
             benchmark: benchmark.into(),
-            model: self.model_arg.clone(),
-            fingerprint: self.loaded.fingerprint.clone(),
+            model: id.model,
+            fingerprint: id.fingerprint,
+            server: id.server,
             input: self.input.clone(),
             settings,
             metrics: BTreeMap::new(),
@@ -52,55 +64,27 @@ impl Evaluated {
         }
     }
 
-    /// Generates for each instruction (wrapped in the template), in batches of similar
-    /// length; results in input order.
-    pub fn complete(&self, instructions: &[String]) -> Result<Vec<Generation>> {
-        let tok = &self.loaded.tokenizer;
-        let prompts: Vec<Vec<u32>> = instructions
-            .iter()
-            .map(|i| tok.encode_prompt(&self.template.format(i)))
-            .collect::<Result<_, _>>()
-            .context("tokenizing prompts")?;
-        let mut order: Vec<usize> = (0..prompts.len()).collect();
-        order.sort_by_key(|&i| prompts[i].len());
-        let progress = indicatif::ProgressBar::new(prompts.len() as u64);
-        progress.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:40}] {pos}/{len} prompts ({per_sec}, eta {eta})",
-            )
-            .expect("valid progress template")
-            .progress_chars("=> "),
-        );
-        let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
-        for chunk in order.chunks(self.batch_size.max(1)) {
-            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-            let gens = if self.params.temperature == 0.0 {
-                generate(&self.loaded.model, tok, &batch, &self.params)?
-            } else {
-                // Sampling: example i draws from seed + i whatever batch it lands in (one
-                // call per example; batches sort by length, so their seeds would not follow).
-                let mut g = Vec::with_capacity(chunk.len());
-                for &i in chunk {
-                    let params = GenerateParams {
-                        seed: self.params.seed.wrapping_add(i as u64),
-                        ..self.params.clone()
-                    };
-                    g.extend(generate(
-                        &self.loaded.model,
-                        tok,
-                        std::slice::from_ref(&prompts[i]),
-                        &params,
-                    )?);
-                }
-                g
-            };
-            for (&i, g) in chunk.iter().zip(gens) {
-                out[i] = Some(g);
-            }
-            progress.inc(chunk.len() as u64);
-        }
+    /// Generates for each instruction (wrapped in the template); results in input order.
+    pub async fn complete(&self, instructions: &[String]) -> Result<Vec<Completion>> {
+        let prompts: Vec<String> = instructions.iter().map(|i| self.template.format(i)).collect();
+        let progress = progress_bar(prompts.len(), "prompts");
+        let out = self.backend.generate(&prompts, &self.params, self.batch_size, &progress).await?;
         progress.finish_and_clear();
-        Ok(out.into_iter().map(|g| g.expect("every prompt generated")).collect())
+        Ok(out)
+    }
+
+    /// For each instruction (wrapped in the template), the log-prob of each answer after it.
+    pub async fn answer_logprobs(
+        &self,
+        instructions: &[String],
+        answers: &[String],
+    ) -> Result<Vec<Vec<f64>>> {
+        let prompts: Vec<String> = instructions.iter().map(|i| self.template.format(i)).collect();
+        let progress = progress_bar(prompts.len(), "questions");
+        let out =
+            self.backend.answer_logprobs(&prompts, answers, self.batch_size, &progress).await?;
+        progress.finish_and_clear();
+        Ok(out)
     }
 }
 
@@ -110,10 +94,10 @@ fn timing(report: &mut Report, start: Instant, n: usize) {
     report.metrics.insert("examples_per_second".into(), n as f64 / secs.max(1e-9));
 }
 
-pub fn gsm8k(ev: &Evaluated, examples: &[Gsm8kExample]) -> Result<Report> {
+pub async fn gsm8k(ev: &Evaluated, examples: &[Gsm8kExample]) -> Result<Report> {
     let start = Instant::now();
     let prompts: Vec<String> = examples.iter().map(|e| gsm8k_prompt(&e.question)).collect();
-    let gens = ev.complete(&prompts)?;
+    let gens = ev.complete(&prompts).await?;
     let mut report = ev.report("gsm8k");
     let (mut correct, mut unparsed) = (0usize, 0usize);
     for (ex, g) in examples.iter().zip(&gens) {
@@ -123,7 +107,7 @@ pub fn gsm8k(ev: &Evaluated, examples: &[Gsm8kExample]) -> Result<Report> {
         unparsed += pred.is_none() as usize;
         report.examples.push(json!({
             "question": ex.question, "gold": ex.gold, "output": g.text,
-            "predicted": pred, "correct": ok, "finish": g.finish.as_str(),
+            "predicted": pred, "correct": ok, "finish": g.finish,
         }));
     }
     let n = examples.len() as f64;
@@ -135,38 +119,23 @@ pub fn gsm8k(ev: &Evaluated, examples: &[Gsm8kExample]) -> Result<Report> {
 }
 
 /// MMLU by generation and parse, or (`by_logprob`) by the highest log-prob among the four
-/// answer sentences (`dpo_common::logprob`, one forward per question with 4 rows).
-pub fn mmlu(ev: &Evaluated, examples: &[MmluExample], by_logprob: bool) -> Result<Report> {
+/// answer sentences (EOS excluded; locally one forward per question with 4 rows).
+pub async fn mmlu(ev: &Evaluated, examples: &[MmluExample], by_logprob: bool) -> Result<Report> {
     let start = Instant::now();
     let prompts: Vec<String> = examples.iter().map(mmlu_prompt).collect();
     let mut report = ev.report("mmlu");
     report.settings.insert("method".into(), json!(if by_logprob { "logprob" } else { "generate" }));
     let mut preds: Vec<(Option<char>, Value)> = Vec::with_capacity(examples.len());
     if by_logprob {
-        let tok = &ev.loaded.tokenizer;
-        for p in &prompts {
-            let prompt_ids = tok.encode_prompt(&ev.template.format(p))?;
-            let seqs: Vec<Sequence> = ['A', 'B', 'C', 'D']
-                .iter()
-                .map(|&l| -> Result<Sequence> {
-                    let mut resp = tok.encode_response(&mmlu_answer(l))?;
-                    resp.pop(); // EOS: the answer sentence is what is compared
-                    let mut ids = prompt_ids.clone();
-                    let response_start = ids.len();
-                    ids.extend(resp);
-                    Ok(Sequence { ids, response_start })
-                })
-                .collect::<Result<_>>()?;
-            let lps = response_logprobs(&ev.loaded.model, &seqs)?.sums_vec()?;
+        const LETTERS: [char; 4] = ['A', 'B', 'C', 'D'];
+        let answers: Vec<String> = LETTERS.iter().map(|&l| mmlu_answer(l)).collect();
+        for lps in ev.answer_logprobs(&prompts, &answers).await? {
             let best = (0..4).max_by(|&a, &b| lps[a].total_cmp(&lps[b])).unwrap_or(0);
-            preds.push((Some(['A', 'B', 'C', 'D'][best]), json!({ "logprobs": lps })));
+            preds.push((Some(LETTERS[best]), json!({ "logprobs": lps })));
         }
     } else {
-        for g in ev.complete(&prompts)? {
-            preds.push((
-                mmlu_letter(&g.text),
-                json!({ "output": g.text, "finish": g.finish.as_str() }),
-            ));
+        for g in ev.complete(&prompts).await? {
+            preds.push((mmlu_letter(&g.text), json!({ "output": g.text, "finish": g.finish })));
         }
     }
     let mut by_subject: BTreeMap<String, (usize, usize)> = BTreeMap::new();
@@ -223,7 +192,7 @@ pub async fn alpacaeval(
 ) -> Result<Report> {
     let start = Instant::now();
     let instructions: Vec<String> = examples.iter().map(|e| e.instruction.clone()).collect();
-    let gens = ev.complete(&instructions)?;
+    let gens = ev.complete(&instructions).await?;
     let records: Vec<Value> = examples
         .iter()
         .zip(&gens)
@@ -290,7 +259,7 @@ pub async fn safety(
 ) -> Result<Report> {
     let start = Instant::now();
     let prompts: Vec<String> = examples.iter().map(|e| e.prompt.clone()).collect();
-    let gens = ev.complete(&prompts)?;
+    let gens = ev.complete(&prompts).await?;
     let mut report = ev.report("safety");
     report.settings.insert("outputs".into(), json!(outputs_path.display().to_string()));
     report.examples = examples
