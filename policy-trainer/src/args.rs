@@ -199,6 +199,13 @@ pub struct TrainArgs {
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 
+    /// Per-layer activation checkpointing: keep only each layer's input during the forward
+    /// and recompute the layer in the backward (one more forward per micro-batch; the memory
+    /// of one layer's activations instead of all). A micro-batch then goes through as one
+    /// padded pass, without packing.
+    #[arg(long)]
+    pub grad_checkpointing: bool,
+
     /// No progress bar (log lines only), e.g. when stderr is a file.
     #[arg(long)]
     pub no_progress: bool,

@@ -7,17 +7,19 @@
 //! the seed and the epoch, so `--resume` from `last/` replays exactly the steps an
 //! uninterrupted run would have taken.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use dpo_common::data::{self, EncodedPair, PreferencePair};
 use dpo_common::device::parse_device;
 use dpo_common::logprob::response_logprobs;
 use dpo_common::memory;
-use dpo_common::model::{load_model, parse_dtype, Llama, LoadedModel, Mode};
+use dpo_common::model::{checkpointed_grads, load_model, parse_dtype, Llama, LoadedModel, Mode};
 use dpo_proto::client::ClientOptions;
 use dpo_proto::token::load_token;
 use sha2::{Digest, Sha256};
@@ -95,6 +97,47 @@ pub fn policy_logprobs(policy: &Llama, pairs: &[EncodedPair]) -> Result<(Tensor,
     let chosen = by_pair.narrow(1, 0, 1)?.squeeze(1)?;
     let rejected = by_pair.narrow(1, 1, 1)?.squeeze(1)?;
     Ok((chosen, rejected))
+}
+
+/// The DPO statistics of a micro-batch and the gradients of its summed loss / `divisor`.
+///
+/// Plain: the packed forward passes of [`policy_logprobs`], then one backward through the
+/// whole graph. With `--grad-checkpointing`, [`checkpointed_grads`] instead: one padded pass
+/// of the micro-batch's 2m sequences that keeps only each layer's input and recomputes the
+/// layers during the backward (one extra forward; activations of one layer instead of all).
+/// Its reference scores are needed before the policy's forward there (the loss is part of
+/// the recomputation), after it in the plain path (the server gets the forward's time).
+fn micro_batch_grads(
+    args: &TrainArgs,
+    policy: &Llama,
+    scorer: &ReferenceScorer,
+    micro: &[EncodedPair],
+    divisor: f64,
+) -> Result<(dpo::DpoStats, GradStore)> {
+    if !args.grad_checkpointing {
+        let (chosen, rejected) = policy_logprobs(policy, micro)?;
+        let refs = scorer.scores(micro)?;
+        let out = dpo::dpo_loss(&chosen, &rejected, &refs, args.beta)?;
+        let loss = (out.losses.sum_all()? / divisor)?;
+        return Ok((out.stats, loss.backward()?));
+    }
+    let refs = scorer.scores(micro)?;
+    let seqs: Vec<_> =
+        micro.iter().flat_map(|p| [p.chosen_sequence(), p.rejected_sequence()]).collect();
+    let stats = RefCell::new(None);
+    let loss_of = |sums: &Tensor| -> dpo_common::Result<Tensor> {
+        // sums: [2m], c0 r0 c1 r1 ...
+        let by_pair = sums.reshape((micro.len(), 2))?;
+        let chosen = by_pair.narrow(1, 0, 1)?.squeeze(1)?;
+        let rejected = by_pair.narrow(1, 1, 1)?.squeeze(1)?;
+        let out = dpo::dpo_loss(&chosen, &rejected, &refs, args.beta)
+            .map_err(|e| dpo_common::Error::Input(format!("{e:#}")))?;
+        *stats.borrow_mut() = Some(out.stats);
+        Ok((out.losses.sum_all()? / divisor)?)
+    };
+    let out = checkpointed_grads(policy, &seqs, loss_of)?;
+    let stats = stats.into_inner().context("the checkpointed pass computed no loss")?;
+    Ok((stats, out.grads))
 }
 
 /// What a finished run prints.
@@ -361,13 +404,10 @@ pub fn run(args: TrainArgs) -> Result<RunSummary> {
 
         let mut stats = dpo::DpoStats::default();
         for micro in batch.chunks(args.micro_batch) {
-            let (chosen, rejected) = policy_logprobs(&policy, micro)?;
-            let refs = scorer.scores(micro)?;
-            let out = dpo::dpo_loss(&chosen, &rejected, &refs, args.beta)?;
-            stats.merge(&out.stats);
             // Mean over the whole batch: each micro-batch adds its share of the sum.
-            let loss = (out.losses.sum_all()? / batch.len() as f64)?;
-            let grads = loss.backward()?;
+            let (micro_stats, grads) =
+                micro_batch_grads(&args, &policy, &scorer, micro, batch.len() as f64)?;
+            stats.merge(&micro_stats);
             accumulator.add(&grads)?;
         }
         let grad_norm = clip_grad_norm(&mut accumulator, args.max_grad_norm)?;
@@ -435,12 +475,19 @@ fn check_memory(
     val: &[EncodedPair],
 ) -> Result<()> {
     let longest = train.iter().chain(val).map(EncodedPair::max_len).max().unwrap_or(0);
-    let config = memory::MemoryConfig::policy(device, dtype, args.micro_batch, longest, false);
+    let config = memory::MemoryConfig::policy(
+        device,
+        dtype,
+        args.micro_batch,
+        longest,
+        args.grad_checkpointing,
+    );
     let plan = memory::predict_peak_bytes(policy.config(), &config);
     eprintln!("policy, micro-batch {} of {longest}-token pairs: {plan}", args.micro_batch);
     if let Some(free) = memory::available_bytes(device) {
         // The weights are loaded already: they are in the plan but no longer in `free`.
-        let held = if device.is_cpu() { memory::rss_bytes().unwrap_or(0) } else { 0 };
+        // (On a GPU, exactly the weights; on a CPU, whatever the process holds.)
+        let held = if device.is_cpu() { memory::rss_bytes().unwrap_or(0) } else { plan.weights };
         memory::check_fits(&plan, free + held.min(plan.total))
             .context("the policy would run out of memory")?;
     }
