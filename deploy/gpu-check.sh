@@ -162,7 +162,9 @@ if [[ -f $stage/bundle/MANIFEST ]]; then
   fi
   if [[ -f $stage/bundle/bin.tar.xz && ( ! -d $stage/bin || $stage/bundle/bin.tar.xz -nt $stage/bin ) ]]; then
     rm -rf "$stage/bin" && mkdir -p "$stage/bin"
-    tar -xJf "$stage/bundle/bin.tar.xz" -C "$stage/bin"
+    tar -xJf "$stage/bundle/bin.tar.xz" -C "$stage/bin" 2>/dev/null ||
+      python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+        "$stage/bundle/bin.tar.xz" "$stage/bin"
     touch "$stage/bin"
   fi
 fi
@@ -321,7 +323,9 @@ lines = [json.loads(l) for l in open(sys.argv[1])]
 ev = [l for l in lines if l.get("kind") == "eval"]
 tr = [l for l in lines if l.get("kind") == "train"]
 first = ev[0]["loss"] if ev and ev[0]["step"] == 0 else float("nan")
-ok = abs(first - math.log(2)) < 1e-3 and len(tr) == int(sys.argv[2])
+# bf16 on both sides, batched differently (server batches vs trainer passes): log-probs
+# agree to ~0.1 nat, and β = 0.1 turns that into ~1e-3 of loss. Allowed: 1e-2.
+ok = abs(first - math.log(2)) < 1e-2 and len(tr) == int(sys.argv[2])
 last = ev[-1] if ev else {}
 eps = sum(t["examples_per_second"] for t in tr) / max(len(tr), 1)
 print(("PASS" if ok else "FAIL") + "\t" +
@@ -414,16 +418,19 @@ PY
         peak_desc="$(awk -v k="$hwm" 'BEGIN{printf "%.2f GiB (trainer peak RSS)", k/1048576}')"
         peak_bytes=$((hwm * 1024))
       fi
-      python3 - "$work/big-run/metrics.jsonl" "$big/config.json" "$log" "$tflops" "$big_batch" "$big_resp" "$peak_bytes" >"$work/big.txt" <<'PY'
+      python3 - "$work/big-run/metrics.jsonl" "$big/config.json" "$log" "$tflops" "$big_batch" "$big_resp" "$peak_bytes" \
+        $((big_prompt + big_resp + 1)) >"$work/big.txt" <<'PY'
 import json, re, statistics, sys
-metrics, config, log, tflops, batch, resp, peak = sys.argv[1:]
+metrics, config, log, tflops, batch, resp, peak = sys.argv[1:8]
 batch, resp, peak, tflops = int(batch), int(resp) + 1, int(peak), float(tflops)
 tr = [json.loads(l) for l in open(metrics) if '"kind":"train"' in l]
 secs = [batch / t["examples_per_second"] for t in tr]
 # Step 1 includes warm-up (kernel compilation, allocator growth): the median of the rest.
 step = statistics.median(secs[1:] if len(secs) > 1 else secs)
 text = open(log).read()
-seq = int(re.search(r"micro-batch \d+ of (\d+)-token pairs", text).group(1))
+m = re.search(r"micro-batch \d+ of (\d+)-token pairs", text)
+# The trainer names the longest pair; else: one token per byte, no BOS, EOS appended.
+seq = int(m.group(1)) if m else int(sys.argv[8])
 m = re.search(r"total\s+([\d.]+) GiB", text)
 predicted = float(m.group(1)) if m else float("nan")
 c = json.load(open(config))
