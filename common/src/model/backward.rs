@@ -98,6 +98,40 @@ fn forward(model: &Llama, batch: ResponseBatch, checkpoint: bool) -> Result<Trai
     Ok(TrainingPass { logprobs, model, ctx, ids, layers, last: x, hidden, logits, batch })
 }
 
+impl TrainingPass {
+    /// Bytes of the distinct storages the pass keeps for its backward (weights excluded):
+    /// what `memory::layer_kept_tensors` and `memory::head_kept_tensors` predict.
+    pub fn kept_bytes(&self) -> u64 {
+        let mut kept: Vec<&Tensor> = vec![
+            &self.ctx.cos,
+            &self.ctx.sin,
+            &self.ctx.mask,
+            &self.last,
+            &self.hidden,
+            &self.logits,
+            &self.logprobs.sums,
+            &self.logprobs.per_token,
+        ];
+        for l in &self.layers {
+            match l {
+                Kept::Activations(a) => {
+                    kept.extend([&a.x, &a.q, &a.k, &a.v, &a.probs, &a.attn, &a.x2, &a.gate, &a.up])
+                }
+                Kept::Input(x) => kept.push(x),
+            }
+        }
+        let mut seen = std::collections::HashMap::new();
+        for t in kept {
+            let (storage, layout) = t.storage_and_layout();
+            let key = &*storage as *const _ as usize;
+            let bytes = (layout.shape().elem_count() * t.dtype().size_in_bytes()) as u64;
+            let e = seen.entry(key).or_insert(0u64);
+            *e = (*e).max(bytes);
+        }
+        seen.values().sum()
+    }
+}
+
 /// Where each parameter's gradient goes: its index in `Llama::params()` order.
 struct ParamIndex(HashMap<String, usize>);
 
