@@ -10,6 +10,7 @@ use dpo_common::generate::GenerateParams;
 use dpo_common::model::{load_model, parse_dtype, Mode};
 use dpo_proto::client::ClientOptions;
 use dpo_proto::token::load_token;
+use ref_server::connect::ConnectArgs;
 
 #[path = "../eval/mod.rs"]
 mod eval;
@@ -90,35 +91,29 @@ enum Command {
     },
 }
 
+/// Help heading of the flags that only matter with --server.
+const CONNECTION: &str = "Connection (with --server)";
+
+// `--server` and its connection flags are the other clients' (`ref_server::connect`),
+// without the default URL: exactly one of --model and --server says what is evaluated.
 #[derive(clap::Args)]
-#[command(group(
-    clap::ArgGroup::new("under_test").args(["model", "server"]).required(true).multiple(false)
-))]
+#[command(
+    group(clap::ArgGroup::new("under_test").args(["model", "server"]).required(true)),
+    mut_arg("server", |a| a
+        .default_value(None::<&str>)
+        .help("Or evaluate the model a running ref-server holds: generation through its \
+               Generate RPC, MMLU --by-logprob through Score")
+        .help_heading(CONNECTION)),
+    mut_arg("tls_ca", |a| a.conflicts_with("model").help_heading(CONNECTION)),
+    mut_arg("tls_domain", |a| a.conflicts_with("model").help_heading(CONNECTION)),
+    mut_arg("auth_token_file", |a| a.conflicts_with("model").help_heading(CONNECTION)),
+    mut_arg("connect_timeout", |a| a.help_heading(CONNECTION)),
+)]
 struct ModelArgs {
     /// Model under test, loaded here: a Hugging Face directory (e.g. a trainer's `best/`)
     /// or a .gguf. Either this or --server.
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
-    /// Or evaluate the model a running `ref-server` holds (http://HOST:PORT or https://…):
-    /// generation through its Generate RPC, MMLU --by-logprob through Score.
-    #[arg(long, value_name = "URL")]
-    server: Option<String>,
-    /// With --server: bearer token file (else env DPO_AUTH_TOKEN).
-    #[arg(long, conflicts_with = "model")]
-    auth_token_file: Option<PathBuf>,
-    /// With --server: PEM CA certificate to trust for https:// (default: system roots).
-    #[arg(long, conflicts_with = "model")]
-    tls_ca: Option<PathBuf>,
-    /// With --server: name to check its certificate against (default: the URL's host).
-    #[arg(long, conflicts_with = "model")]
-    tls_domain: Option<String>,
-    /// With --server: seconds to wait for the connection.
-    #[arg(long, default_value_t = 30)]
-    connect_timeout: u64,
-    /// With --server: requests kept in flight. The server runs one generation at a time
-    /// (the others wait there), so more than 2 only pays off for MMLU --by-logprob scoring.
-    #[arg(long, default_value_t = 2)]
-    in_flight: usize,
     /// The benchmark file in its released format (`.gz` is read too).
     #[arg(long)]
     input: PathBuf,
@@ -158,6 +153,12 @@ struct ModelArgs {
     /// The JSON report.
     #[arg(long, default_value = "report.json")]
     out: PathBuf,
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Requests kept in flight. The server runs one generation at a time
+    /// (the others wait there), so more than 2 only pays off for MMLU --by-logprob scoring.
+    #[arg(long, default_value_t = 2, help_heading = CONNECTION)]
+    in_flight: usize,
 }
 
 #[derive(clap::Args)]
@@ -223,7 +224,7 @@ impl ModelArgs {
     /// Loads the model (--model) or connects to the server holding it (--server).
     async fn load(&self) -> Result<Evaluated> {
         let params = self.params()?;
-        let backend = match (&self.model, &self.server) {
+        let backend = match (&self.model, &self.connect.server) {
             (Some(path), None) => {
                 let device = dpo_common::device::parse_device(&self.device)?;
                 let dtype = parse_dtype(&self.dtype)?;
@@ -231,15 +232,8 @@ impl ModelArgs {
                     .with_context(|| format!("loading {}", path.display()))?;
                 Backend::Local(Box::new(Local { loaded, model_arg: path.display().to_string() }))
             }
-            (None, Some(url)) => {
-                let opts = ClientOptions {
-                    url: url.clone(),
-                    token: load_token(self.auth_token_file.as_deref())?,
-                    ca_cert: self.tls_ca.clone(),
-                    tls_domain: self.tls_domain.clone(),
-                    connect_timeout: Duration::from_secs(self.connect_timeout),
-                    ..ClientOptions::default()
-                };
+            (None, Some(_)) => {
+                let opts = self.connect.options()?;
                 Backend::Remote(Box::new(Remote::connect(&opts, self.in_flight).await?))
             }
             // clap's `under_test` group makes these unreachable; say so plainly anyway.
