@@ -137,7 +137,7 @@ impl From<&Sequence> for SharedPrompt {
 /// A batch laid out for response log-probs: right-padded ids (one row per prompt), how the
 /// tokens relate, the flattened `[B*T]` positions whose logits predict a response token,
 /// those tokens, and the 0/1 membership matrix that sums each response's tokens. Built once
-/// here for the plain forward, `model::backward` and `model::recompute`.
+/// here for the plain forward and `model::backward`.
 pub(crate) struct ResponseBatch {
     /// [B, T], padded with token 0: any valid id does, since no real position attends to it.
     pub ids: Tensor,

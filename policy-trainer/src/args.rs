@@ -201,8 +201,7 @@ pub struct TrainArgs {
 
     /// Per-layer activation checkpointing: keep only each layer's input during the forward
     /// and recompute the layer in the backward (one more forward per micro-batch; the memory
-    /// of one layer's activations instead of all). A micro-batch then goes through as one
-    /// padded pass, without packing.
+    /// of one layer's activations instead of all).
     #[arg(long)]
     pub grad_checkpointing: bool,
 

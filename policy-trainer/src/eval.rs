@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use dpo_common::data::EncodedPair;
-use dpo_common::model::{Llama, Mode};
+use dpo_common::model::Llama;
 use serde::{Deserialize, Serialize};
 
 use crate::dpo;
@@ -27,21 +27,6 @@ pub struct EvalResult {
     pub pairs: usize,
 }
 
-/// The policy's current weights as a frozen model: the same storage (no copy; detached
-/// tensors share it), but no autograd graph is built, so a validation pass needs no more
-/// memory than the reference's forward, and the fused inference kernels apply (they give the
-/// trainable path's numbers, a `common` test checks it).
-pub fn frozen_view(policy: &Llama) -> Result<Llama> {
-    let weights = policy.params().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
-    Ok(Llama::from_weights(
-        policy.config().clone(),
-        weights,
-        Mode::Frozen,
-        policy.dtype(),
-        policy.device(),
-    )?)
-}
-
 /// Scores `val` with the policy in chunks of `chunk` pairs, without gradients.
 pub fn evaluate(
     policy: &Llama,
@@ -51,7 +36,9 @@ pub fn evaluate(
     chunk: usize,
 ) -> Result<EvalResult> {
     scorer.prefetch(val);
-    let policy = &frozen_view(policy)?;
+    // The policy's current weights (shared storage), without an autograd graph: a
+    // validation pass needs no more memory than the reference's forward.
+    let policy = &policy.frozen_view()?;
     let mut totals = dpo::DpoStats::default();
     for pairs in val.chunks(chunk.max(1)) {
         let (chosen, rejected) = policy_logprobs(policy, pairs)?;
@@ -78,6 +65,7 @@ mod tests {
     use candle_core::{DType, Device};
     use dpo_common::logprob::{response_logprobs, Sequence};
     use dpo_common::model::ops::is_tracked;
+    use dpo_common::model::Mode;
     use dpo_common::testing::{tiny_config, tiny_weights, TinySpec};
 
     #[test]
@@ -91,7 +79,7 @@ mod tests {
             Sequence { ids: vec![7, 8, 9], response_start: 1 },
         ];
         let tracked = response_logprobs(&policy, &seqs).unwrap();
-        let view = frozen_view(&policy).unwrap();
+        let view = policy.frozen_view().unwrap();
         let free = response_logprobs(&view, &seqs).unwrap();
         assert!(is_tracked(&tracked.sums) && !is_tracked(&free.sums));
         assert_eq!(tracked.sums_vec().unwrap(), free.sums_vec().unwrap());

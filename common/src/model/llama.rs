@@ -351,7 +351,7 @@ impl Llama {
     }
 
     /// The first step of [`hidden_states`](Self::hidden_states), public so that callers can
-    /// run the layers one at a time (activation checkpointing, `model::recompute`): checks
+    /// run the layers one at a time (as `model::backward` does): checks
     /// the ids `[B, T]` and returns the embeddings `[B*T, H]` and the per-batch constants
     /// every layer needs. Rows are right-padded sequences at positions `0..T`.
     pub fn embed_tokens(&self, ids: &Tensor) -> Result<(Tensor, LayerContext)> {

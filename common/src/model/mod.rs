@@ -6,11 +6,9 @@ pub mod grad_ops;
 pub mod llama;
 pub mod load;
 pub mod ops;
-pub mod recompute;
 pub mod save;
 
 pub use config::{LlamaConfig, RopeScaling};
 pub use llama::{LayerContext, Llama, Mode, TokenLayout};
 pub use load::{load_checkpoint, load_model, parse_dtype, Checkpoint, LoadedModel};
-pub use recompute::{checkpointed_grads, CheckpointedGrads};
 pub use save::{save_hf, SaveOptions};

@@ -57,6 +57,16 @@ impl GradAccumulator {
         Ok(())
     }
 
+    /// Lets `f` add one backward pass's gradients into the sums in place (the hand-written
+    /// backward, `dpo_common::model::backward`, adds each weight's gradient as soon as it is
+    /// formed, so no second copy of the gradients ever exists). The slice is in the order
+    /// of the variables given to `new` (`Llama::params()` order for a model's `vars()`).
+    pub fn add_with<T>(&mut self, f: impl FnOnce(&mut [Tensor]) -> Result<T>) -> Result<T> {
+        let out = f(&mut self.grads)?;
+        self.count += 1;
+        Ok(out)
+    }
+
     /// Multiplies every accumulated gradient by `factor`.
     pub fn scale(&mut self, factor: f64) -> Result<()> {
         ensure!(factor.is_finite(), "cannot scale gradients by {factor}");
