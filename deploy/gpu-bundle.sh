@@ -40,8 +40,10 @@ rel=$CARGO_TARGET_DIR/release
 if [[ $build == 1 ]]; then
   eval "$(DPO_CUDA_VERSION=13.0 deploy/cuda-setup.sh)"
   started=$(date +%s)
-  cargo build --release --locked --features cuda -p ref-server -p policy-trainer
-  cargo build --release --locked --features cuda -p dpo-common --example gpu_tools
+  # One invocation: an example brings dpo-common's dev-dependencies, whose features would
+  # otherwise differ from the binaries' build and rebuild much of the dependency tree.
+  cargo build --release --locked --features cuda -p ref-server -p policy-trainer -p dpo-common \
+    --bin ref-server --bin policy-trainer --example gpu_tools
   echo "gpu-bundle: cargo build took $(($(date +%s) - started)) s" >&2
 fi
 bins=("$rel/ref-server" "$rel/policy-trainer" "$rel/examples/gpu_tools")

@@ -34,7 +34,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 started=$(date +%s)
 
-device="" steps=1,2,3 bundle=.cache/gpu-bundle bin="" model="" budget=570 dry=0 stage_only=0
+device="" steps=1,2,3 bundle="" bin="" model="" budget=570 dry=0 stage_only=0
 big_steps=4
 stage=${DPO_GPU_STAGE:-/var/tmp/dpo-gpu-check}
 need() { [[ $# -ge 2 ]] || { echo "gpu-check: $1 needs a value" >&2; exit 2; }; }
@@ -55,20 +55,22 @@ while [[ $# -gt 0 ]]; do
 done
 if [[ $dry == 1 ]]; then
   device=${device:-cpu}
+  bundle=${bundle:-/nonexistent}   # tiny models only: no bundle to stage
   if [[ -z ${DPO_GPU_STAGE:-} ]]; then
     stage=$root/.cache/gpu-check-dry
     rm -rf "$stage"   # a dry run starts clean: no results or models of an earlier one
   fi
 else
   device=${device:-cuda:0}
+  bundle=${bundle:-.cache/gpu-bundle}
 fi
 mkdir -p "$stage/bundle" "$stage/results"
-run_id=$(date +%Y%m%d-%H%M%S)
-work=$stage/run-$run_id
-mkdir -p "$work"
 
 # ---------------------------------------------------------------- helpers
 say() { echo "gpu-check: $*" >&2; }
+# Errors without captured backtraces (candle captures one per error when RUST_BACKTRACE is
+# set): the log's error line stays readable.
+export RUST_LIB_BACKTRACE=${RUST_LIB_BACKTRACE:-0}
 left() { echo $((budget - ($(date +%s) - started))); }
 # Seconds a step may take: its own limit, cut to what the budget has left (minus 15 s for
 # the table). Zero or less: the step is not started.
@@ -96,7 +98,7 @@ bounded() {
   timeout -k 10 "$secs" "$@" >>"$log" 2>&1 || rc=$?
   if ((rc != 0)); then
     ((rc == 124 || rc == 137)) && say "timed out after ${secs}s: $*" || say "failed ($rc): $*"
-    tail -n 15 "$log" | sed 's/^/    | /' >&2
+    { grep -m 5 -iE 'error|panicked' "$log" || true; echo "..."; tail -n 8 "$log"; } | cut -c1-300 | sed 's/^/    | /' >&2
   fi
   return "$rc"
 }
@@ -169,6 +171,8 @@ if [[ -f $stage/bundle/MANIFEST ]]; then
   fi
 fi
 [[ $stage_only == 1 ]] && { say "staged: $(ls "$stage/bundle" | tr '\n' ' ')"; exit 0; }
+work=$stage/run-$(date +%Y%m%d-%H%M%S)
+mkdir -p "$work"
 
 bin=${bin:-$stage/bin}
 model=${model:-$gguf_staged}
@@ -213,8 +217,9 @@ PY
   fi
   # The driver compiles candle's PTX at first use; keep its cache for later calls.
   export CUDA_CACHE_PATH=$stage/nv-cache CUDA_CACHE_MAXSIZE=1073741824
-  gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
-  driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n 1)
+  gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)
+  gpu_name=${gpu_name:-"a GPU nvidia-smi does not name"}
+  driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)
 fi
 say "device $device ($gpu_name${driver:+, driver $driver}); binaries in $bin; work in $work; budget ${budget}s"
 
@@ -237,6 +242,7 @@ failed=0
 
 # ---------------------------------------------------------------- 1: log-probs, GPU vs CPU
 if want_step 1; then
+  rm -f "$stage"/results/1*   # this call's results replace an earlier call's
   log=$work/1-logprobs.log
   if [[ -z $model ]]; then
     record 1a FAIL "log-probs GPU vs CPU" "no SmolLM2 GGUF staged: carry bundle part b too"
@@ -304,6 +310,7 @@ fi
 
 # ---------------------------------------------------------------- 2: DPO on SmolLM2, one GPU
 if want_step 2; then
+  rm -f "$stage"/results/2*
   log=$work/2-dpo.log
   if [[ -z $model ]]; then
     record 2 FAIL "DPO $dpo_steps steps, server + trainer on $device" "no SmolLM2 GGUF staged: carry bundle part b too"
@@ -346,6 +353,7 @@ fi
 
 # ---------------------------------------------------------------- 3: 8B shape, speed and memory
 if want_step 3; then
+  rm -f "$stage"/results/3*
   log=$work/3-big.log
   big=$stage/big-$big_shape refm=$stage/ref-$ref_shape
   what="$big_shape (random bf16), alone on $device"
@@ -381,7 +389,7 @@ PY
     # cost nothing next to the policy's, so the step time is the policy's alone (in
     # production the reference has its own GPU). Hence --allow-different-reference.
     mem_log=$work/gpu-mem.csv
-    if [[ $device == cuda* ]]; then
+    if [[ $device == cuda* ]] && command -v nvidia-smi >/dev/null; then
       base_mem=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -n 1)
       nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 >"$mem_log" 2>/dev/null &
       pids+=($!); smi_pid=$!
@@ -410,7 +418,7 @@ PY
     [[ -n ${smi_pid:-} ]] && stop_pid "$smi_pid"
     stop_pid "$server_pid"
     if [[ $ok == 1 ]]; then
-      if [[ $device == cuda* ]]; then
+      if [[ -s $mem_log ]]; then
         peak_mib=$(sort -n "$mem_log" | tail -n 1)
         peak_desc="$(awk -v p="$peak_mib" -v b="$base_mem" 'BEGIN{printf "%.1f GiB (nvidia-smi, GPU total; %.1f GiB before start; incl. the tiny reference server)", p/1024, b/1024}')"
         peak_bytes=$((peak_mib * 1048576))
