@@ -436,24 +436,33 @@ secs = [batch / t["examples_per_second"] for t in tr]
 # Step 1 includes warm-up (kernel compilation, allocator growth): the median of the rest.
 step = statistics.median(secs[1:] if len(secs) > 1 else secs)
 text = open(log).read()
-m = re.search(r"micro-batch \d+ of (\d+)-token pairs", text)
-# The trainer names the longest pair; else: one token per byte, no BOS, EOS appended.
-seq = int(m.group(1)) if m else int(sys.argv[8])
-m = re.search(r"total\s+([\d.]+) GiB", text)
-predicted = float(m.group(1)) if m else float("nan")
 c = json.load(open(config))
 V, H, I, L = c["vocab_size"], c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
 nh, nkv = c["num_attention_heads"], c["num_key_value_heads"]
 hd = c.get("head_dim") or H // nh
-# Model FLOPs of one policy forward+backward (×3 of the forward's 2 per weight use):
-# decoder matmuls on every token, the output head on response tokens only (that is all
-# the code computes), attention scores and values (QKᵀ and AV, full T×T).
+# What one pair costs depends on the trainer's layout, which its memory line names: one row
+# per pair (the prompt once, then chosen and rejected, each attending to the prompt and
+# itself) or two sequences (prompt + response each). Neither line: one token per byte, no
+# BOS, EOS appended, two sequences.
+m = re.search(r"micro-batch \d+ of (\d+)-token pair rows", text)
+if m:
+    rows, row_len, layout = 1, int(m.group(1)), f"one {m.group(1)}-token row per pair, the prompt once"
+else:
+    m = re.search(r"micro-batch \d+ of (\d+)-token pairs", text)
+    seq = int(m.group(1)) if m else int(sys.argv[8])
+    rows, row_len, layout = 2, seq, f"2 sequences of {seq} per pair"
+m = re.search(r"total\s+([\d.]+) GiB", text)
+predicted = float(m.group(1)) if m else float("nan")
+# Model FLOPs of one policy forward+backward (×3 of the forward's 2 per weight use), of
+# what the code computes: decoder matmuls on every token of a row, the output head on
+# response tokens only, attention scores and values over the full row (QKᵀ and AV, T×T).
 layer = H * nh * hd + 2 * H * nkv * hd + nh * hd * H + 3 * H * I
-per_seq = 6 * (L * layer * seq + V * H * resp) + 12 * L * nh * hd * seq * seq
-flops = per_seq * 2 * batch
-tokens = 2 * batch * seq
+per_row = 6 * L * layer * row_len + 12 * L * nh * hd * row_len * row_len
+per_pair = rows * per_row + 6 * V * H * 2 * resp
+flops = per_pair * batch
+tokens = rows * row_len * batch
 print(f"step_s {step:.3f}")
-print(f"seq {seq}")
+print(f"layout {layout}")
 print(f"steps {len(tr)}")
 print(f"tokens {tokens}")
 print(f"tok_s {tokens / step:.0f}")
@@ -464,7 +473,7 @@ print(f"measured_gib {peak / 2**30:.2f}")
 PY
       get() { sed -n "s/^$1 //p" "$work/big.txt"; }
       record 3b info "$what: step time" "$(get step_s) s per optimizer step of $big_batch pairs (median of steps 2-$(get steps)), micro-batch 1"
-      record 3c info "$what: throughput" "$(get tok_s) tokens/s ($(get tokens) tokens per step, 2 sequences of $(get seq) per pair)"
+      record 3c info "$what: throughput" "$(get tok_s) tokens/s ($(get tokens) tokens per step, $(get layout))"
       record 3d info "$what: peak memory" "$peak_desc; memory model predicted $(get predicted_gib) GiB"
       record 3e info "$what: MFU" "$(get mfu)% ($(get achieved_tflops) of $tflops TFLOP/s; model FLOPs, step time incl. optimizer)"
     fi
