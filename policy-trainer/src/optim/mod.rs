@@ -3,6 +3,7 @@
 //! by [`RmsProp`] with PyTorch's semantics so the recipe's hyper-parameters carry over.
 
 mod accumulate;
+mod fused;
 mod rmsprop;
 #[cfg(test)]
 mod torch_fixture;

@@ -114,6 +114,12 @@ impl RmsProp {
         for (i, ((var, v), g)) in
             self.vars.iter().zip(&mut self.square_avg).zip(grads.grads()).enumerate()
         {
+            if super::fused::applies(var.as_tensor(), v, g) {
+                // f32 on a CPU: in place, no parameter-sized temporaries (same arithmetic).
+                super::fused::step(var.as_tensor(), v, g, &cfg)
+                    .with_context(|| format!("RMSprop: updating parameter {i}"))?;
+                continue;
+            }
             let p = var.as_tensor().detach().to_dtype(DType::F32)?;
             let g = if cfg.weight_decay != 0.0 {
                 (g + p.affine(cfg.weight_decay, 0.0)?)?
