@@ -50,13 +50,15 @@ pub struct MemoryConfig {
     pub response_len: usize,
     /// Per-layer activation checkpointing (`model::backward` with `checkpoint`).
     pub checkpointing: bool,
+    /// The optimizer updates in place (the trainer's fused RMSprop: f32 weights on a CPU);
+    /// otherwise its step forms a few parameter-sized temporaries.
+    pub in_place_optimizer: bool,
 }
 
 impl MemoryConfig {
-    /// The worst case for a policy on `device`: every token a response token. (The kept
-    /// tensors do not depend on the device; it is taken for the callers' sake.)
+    /// The worst case for a policy on `device`: every token a response token.
     pub fn policy(
-        _device: &Device,
+        device: &Device,
         weight_dtype: DType,
         micro_batch: usize,
         row_len: usize,
@@ -71,6 +73,7 @@ impl MemoryConfig {
             row_len,
             response_len: row_len,
             checkpointing,
+            in_place_optimizer: device.is_cpu() && weight_dtype == DType::F32,
         }
     }
 
@@ -248,9 +251,11 @@ pub fn predict_peak_bytes(cfg: &LlamaConfig, mc: &MemoryConfig) -> MemoryPlan {
             // MLP's recomputed activation, d m and d gate/up with a weight gradient.
             let attn_bwd = (2 * scores + 3 * n * qd) * wb;
             let mlp_bwd = (4 * n * i + i * h) * wb;
-            // RMSprop on the largest parameter: a few f32 temporaries of its size.
+            // RMSprop on the largest parameter: a few f32 temporaries of its size, or in
+            // place (then only the gradient norm's square of it).
             let largest = v * h;
-            plan.optimizer_step = 6 * largest * f32b;
+            let temporaries = if mc.in_place_optimizer { 1 } else { 6 };
+            plan.optimizer_step = temporaries * largest * f32b;
             plan.workspace = head_bwd.max(attn_bwd).max(mlp_bwd);
         }
     }
