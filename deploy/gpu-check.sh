@@ -375,7 +375,9 @@ if want_step 3; then
     fi
   done
   # Synthetic pairs of fixed length: one token per byte with this tokenizer (raw template).
-  python3 - "$work/big.jsonl" "$big_prompt" "$big_resp" $((big_batch * (4 * big_steps + 8))) <<'PY'
+  # Far more than the steps timed: the run must never end on its own, since its end saves
+  # last/ (16 GB of model and 32 GB of optimizer state for the 8B).
+  python3 - "$work/big.jsonl" "$big_prompt" "$big_resp" $((big_batch * 50 * big_steps)) <<'PY'
 import json, random, string, sys
 out, p, r, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rng = random.Random(0)
@@ -410,7 +412,7 @@ PY
       (($(date +%s) >= deadline)) && { say "timed out waiting for $big_steps steps"; tail -n 15 "$log" >&2; ok=0; break; }
       h=$(sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$trainer/status" 2>/dev/null || true)
       hwm=${h:-$hwm}
-      sleep 1
+      sleep 0.5
     done
     # Stopped, not finished: a finished run would save 16 GB of model and 32 GB of
     # optimizer state, which is not what is measured (and fills the disk).
