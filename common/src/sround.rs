@@ -46,22 +46,31 @@ pub fn stochastic_round_one(x: f32, r: u16) -> bf16 {
     bf16::from_bits((bits >> 16) as u16)
 }
 
-/// Rounds a slice; element `i` uses bits of the `(i / 4)`-th hash of the stream of `seed`.
+/// The random stream of `seed`. Pre-mixed so that nearby seeds (step, step + 1) give
+/// unrelated streams.
+fn stream(seed: u64) -> u64 {
+    mix(seed ^ 0xA076_1D64_78BD_642F)
+}
+
+/// The 16 random bits of element `i`: a quarter of the `(i / 4)`-th hash of the stream.
+#[inline]
+fn bits(stream: u64, i: usize) -> u16 {
+    let h = mix(stream.wrapping_add(((i / 4) as u64).wrapping_add(1).wrapping_mul(GAMMA)));
+    (h >> (16 * (i % 4))) as u16
+}
+
+/// Rounds a slice whose first element is element `start` of the stream.
 fn round_slice(xs: &[f32], out: &mut [bf16], start: usize, stream: u64) {
     debug_assert_eq!(xs.len(), out.len());
     for (j, (x, o)) in xs.iter().zip(out.iter_mut()).enumerate() {
-        let i = start + j;
-        let h = mix(stream.wrapping_add(((i / 4) as u64).wrapping_add(1).wrapping_mul(GAMMA)));
-        let r = (h >> (16 * (i % 4))) as u16;
-        *o = stochastic_round_one(*x, r);
+        *o = stochastic_round_one(*x, bits(stream, start + j));
     }
 }
 
 /// Stochastic rounding of a whole f32 slice, deterministic in `seed`. Large slices are split
 /// across threads; the result does not depend on how (bits are chosen by element index).
 pub fn stochastic_round_slice(xs: &[f32], seed: u64) -> Vec<bf16> {
-    // Pre-mix so that nearby seeds (step, step + 1) give unrelated streams.
-    let stream = mix(seed ^ 0xA076_1D64_78BD_642F);
+    let stream = stream(seed);
     let mut out = vec![bf16::ZERO; xs.len()];
     const CHUNK: usize = 1 << 16;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -119,6 +128,161 @@ pub fn apply_update_bf16(param: &Tensor, update: &Tensor, seed: u64) -> Result<T
 /// seeded with `run_seed`: distinct for every (step, parameter), reproducible on resume.
 pub fn update_seed(run_seed: u64, step: u64, param_index: u64) -> u64 {
     mix(mix(run_seed ^ mix(step.wrapping_add(1))).wrapping_add(param_index.wrapping_mul(GAMMA)))
+}
+
+/// Stochastically rounds an f32 tensor to bf16 where it lives: on the CPU exactly as
+/// [`stochastic_round_bf16`] (deterministic in `seed`); on another device with the device's
+/// own ops and uniform numbers ([`round_on_device`]), a chunk at a time, so that a GPU
+/// tensor does not make the round trip through host memory (`seed` is then unused: the
+/// device's generator, `Device::set_seed`, supplies the randomness).
+pub fn to_bf16_stochastic(x: &Tensor, seed: u64) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return stochastic_round_bf16(x, seed);
+    }
+    if x.dtype() != DType::F32 {
+        return Err(Error::Input(format!(
+            "stochastic rounding to bf16 takes an f32 tensor, got {:?}",
+            x.dtype()
+        )));
+    }
+    let out = Tensor::zeros(x.elem_count(), DType::BF16, x.device())?;
+    let flat = x.flatten_all()?;
+    for start in (0..x.elem_count()).step_by(DEVICE_CHUNK) {
+        let len = DEVICE_CHUNK.min(x.elem_count() - start);
+        out.slice_set(&round_on_device(&flat.narrow(0, start, len)?)?, 0, start)?;
+    }
+    Ok(out.reshape(x.shape())?)
+}
+
+/// `acc += g` for a bf16 accumulator `acc`: each element's sum is formed in f32 and rounded
+/// to bf16 stochastically, so the accumulated sum is right in expectation however small
+/// each addend is against the running sum. (Round-to-nearest drops an addend smaller than
+/// half a bf16 spacing of the sum, 2^-9 of it: after one large micro-batch gradient, every
+/// smaller one that follows can vanish.) `g` (f32 or bf16, any device layout) must have
+/// `acc`'s shape.
+///
+/// On the CPU, in place and deterministic in `seed`; elsewhere a chunk at a time with the
+/// device's ops ([`to_bf16_stochastic`]), written back in place when `acc` is contiguous.
+pub fn add_stochastic_bf16(acc: &mut Tensor, g: &Tensor, seed: u64) -> Result<()> {
+    if acc.dtype() != DType::BF16 {
+        return Err(Error::Input(format!(
+            "add_stochastic_bf16 takes a bf16 accumulator, got {:?}",
+            acc.dtype()
+        )));
+    }
+    if acc.dims() != g.dims() {
+        return Err(Error::Input(format!(
+            "gradient of shape {:?} added to {:?}",
+            g.dims(),
+            acc.dims()
+        )));
+    }
+    if !acc.is_contiguous() {
+        *acc = acc.contiguous()?;
+    }
+    let g = match g.dtype() {
+        DType::F32 | DType::BF16 => g.contiguous()?,
+        _ => g.to_dtype(DType::F32)?.contiguous()?,
+    };
+    if acc.device().is_cpu() {
+        acc.inplace_op2(&g, &AddStochastic { stream: stream(seed) })?;
+        return Ok(());
+    }
+    let (a, g) = (acc.flatten_all()?, g.flatten_all()?);
+    for start in (0..a.elem_count()).step_by(DEVICE_CHUNK) {
+        let len = DEVICE_CHUNK.min(a.elem_count() - start);
+        let (ac, gc) = (a.narrow(0, start, len)?, g.narrow(0, start, len)?);
+        let sum = (ac.to_dtype(DType::F32)? + gc.to_dtype(DType::F32)?)?;
+        a.slice_set(&round_on_device(&sum)?, 0, start)?;
+    }
+    Ok(())
+}
+
+/// Elements per chunk of the device path: its ~10 f32 temporaries stay at ~160 MB whatever
+/// the tensor (8B's embedding gradient is 525 M elements).
+const DEVICE_CHUNK: usize = 1 << 22;
+
+/// `acc = sr(acc + g)` in place over a contiguous bf16 CPU `acc`; `g` f32 or bf16.
+struct AddStochastic {
+    stream: u64,
+}
+
+impl candle_core::InplaceOp2 for AddStochastic {
+    fn name(&self) -> &'static str {
+        "dpo-add-stochastic-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage;
+        let (Some((a, b)), Some((c, d))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("stochastic add expects contiguous tensors");
+        };
+        let dst = match s1 {
+            CpuStorage::BF16(v) => &mut v[a..b],
+            _ => candle_core::bail!("stochastic add expects a bf16 destination"),
+        };
+        if d - c != dst.len() {
+            candle_core::bail!("stochastic add: {} elements into {}", d - c, dst.len());
+        }
+        match s2 {
+            CpuStorage::F32(v) => add_slice(dst, &v[c..d], self.stream, |x| x),
+            CpuStorage::BF16(v) => add_slice(dst, &v[c..d], self.stream, bf16::to_f32),
+            _ => candle_core::bail!("stochastic add expects an f32 or bf16 source"),
+        }
+        Ok(())
+    }
+}
+
+/// `dst[i] = sr(dst[i] + f(src[i]))`, element `i` with the bits of index `i` of `stream`,
+/// threaded over chunks (the result does not depend on the chunking).
+fn add_slice<T: Copy + Sync>(
+    dst: &mut [bf16],
+    src: &[T],
+    stream: u64,
+    f: impl Fn(T) -> f32 + Sync,
+) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).enumerate().for_each(|(k, (d, s))| {
+        for (j, (d, &s)) in d.iter_mut().zip(s).enumerate() {
+            *d = stochastic_round_one(d.to_f32() + f(s), bits(stream, k * CHUNK + j));
+        }
+    });
+}
+
+/// Stochastic rounding of an f32 tensor to bf16 out of candle ops only, for devices without
+/// our CPU kernel. Let `n` be the nearest bf16 and `d = x − n` (exact in f32). The neighbour
+/// on `d`'s side is `m = n ± s`; rounding to `m` with probability `|d| / s` keeps `x` in
+/// expectation. The spacing `s` comes from round-to-nearest too: `|n|·(1 ± (2^-8 + 2^-16))`
+/// lies strictly between `|n|`'s neighbour and the half-way point (an 8-bit significand
+/// moves by 0.502 to 0.99998 of a spacing), also where the spacing below a power of two
+/// halves. Below bf16's normal range the spacing is the subnormal one, 2^-133. NaN and ±inf
+/// stay as they are.
+pub fn round_on_device(x: &Tensor) -> Result<Tensor> {
+    let bf = |t: &Tensor| -> candle_core::Result<Tensor> {
+        t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+    };
+    let n = bf(x)?;
+    let d = (x - &n)?;
+    let a = n.abs()?;
+    let k = 2f64.powi(-8) + 2f64.powi(-16);
+    let away = (bf(&a.affine(1.0 + k, 0.0)?)? - &a)?;
+    let toward = (&a - bf(&a.affine(1.0 - k, 0.0)?)?)?;
+    // Compared as signs, not as d·n ≥ 0, which underflows for tiny values.
+    let same_side = d.ge(0.0)?.eq(&n.ge(0.0)?)?;
+    let spacing = same_side.where_cond(&away, &toward)?.maximum(2f64.powi(-133))?;
+    let p = (d.abs()? / &spacing)?;
+    let up = x.rand_like(0.0, 1.0)?.lt(&p)?;
+    let step = d.ge(0.0)?.where_cond(&spacing, &spacing.neg()?)?;
+    // `where_cond` rather than `n + up·step`: a NaN step (x = ±inf) must not reach n.
+    Ok(up.where_cond(&(&n + step)?, &n)?.to_dtype(DType::BF16)?)
 }
 
 #[cfg(test)]
@@ -264,7 +428,7 @@ mod tests {
         assert_ne!(a, c);
         // The single-threaded path gives the same bits as the threaded one.
         let mut single = vec![bf16::ZERO; xs.len()];
-        round_slice(&xs, &mut single, 0, mix(5 ^ 0xA076_1D64_78BD_642F));
+        round_slice(&xs, &mut single, 0, stream(5));
         assert_eq!(a, single);
     }
 
@@ -277,5 +441,127 @@ mod tests {
         let wrong = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
         assert!(apply_update_bf16(&p, &wrong, 0).unwrap_err().to_string().contains("shape"));
         assert_eq!(apply_update_bf16(&p, &f, 0).unwrap().dims(), [4]);
+    }
+
+    /// A bf16 sum of one large addend and many small ones: round-to-nearest drops every small
+    /// one, the stochastic add keeps them in expectation (and in place).
+    #[test]
+    fn stochastic_add_keeps_addends_that_round_to_nearest_drops() {
+        const N: usize = 8192;
+        let mut acc = Tensor::zeros(N, DType::BF16, &Device::Cpu).unwrap();
+        let alias = acc.clone();
+        let mut rtn = Tensor::zeros(N, DType::BF16, &Device::Cpu).unwrap();
+        let big = Tensor::full(1.0f32, N, &Device::Cpu).unwrap();
+        let small = Tensor::full(1e-3f32, N, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+        let small_f32 = small.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+        add_stochastic_bf16(&mut acc, &big, 1).unwrap();
+        rtn = (rtn.to_dtype(DType::F32).unwrap() + &big).unwrap().to_dtype(DType::BF16).unwrap();
+        for k in 0..63 {
+            add_stochastic_bf16(&mut acc, &small, 100 + k).unwrap();
+            rtn = (rtn.to_dtype(DType::F32).unwrap() + small.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+        }
+        let exact = 1.0 + 63.0 * small_f32;
+        assert_eq!(mean_f64(&rtn), 1.0, "premise: round-to-nearest drops 1e-3 next to 1.0");
+        // Per element: 63 rounding errors, each a martingale difference of at most one
+        // spacing (2^-7 on [1, 2)): the mean of N has sd ≤ sqrt(63 / 4) · 2^-7 / sqrt(N).
+        let sd = (63.0f64 / 4.0).sqrt() * 2f64.powi(-7) / (N as f64).sqrt();
+        let got = mean_f64(&acc);
+        assert!((got - exact).abs() < 5.0 * sd, "sum {got}, exact {exact}, 5σ {}", 5.0 * sd);
+        assert_eq!(mean_f64(&alias), got, "the add is in place");
+        // Deterministic in the seeds.
+        let mut again = Tensor::zeros(N, DType::BF16, &Device::Cpu).unwrap();
+        add_stochastic_bf16(&mut again, &big, 1).unwrap();
+        for k in 0..63 {
+            add_stochastic_bf16(&mut again, &small.to_dtype(DType::F32).unwrap(), 100 + k).unwrap();
+        }
+        assert_eq!(again.to_vec1::<bf16>().unwrap(), acc.to_vec1::<bf16>().unwrap());
+    }
+
+    #[test]
+    fn stochastic_add_takes_views_and_refuses_mismatches() {
+        let base = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((3, 4)).unwrap();
+        let mut acc = base.to_dtype(DType::BF16).unwrap().t().unwrap(); // not contiguous
+        let g = Tensor::ones((4, 3), DType::F32, &Device::Cpu).unwrap();
+        add_stochastic_bf16(&mut acc, &g, 0).unwrap();
+        let want = (base.t().unwrap() + 1.0).unwrap();
+        let got = acc.to_dtype(DType::F32).unwrap();
+        assert_eq!(got.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+        assert!(add_stochastic_bf16(
+            &mut acc,
+            &Tensor::ones(3, DType::F32, &Device::Cpu).unwrap(),
+            0
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("shape"));
+        let mut f = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        let g = f.clone();
+        assert!(add_stochastic_bf16(&mut f, &g, 0).is_err());
+    }
+
+    /// The device path (candle ops, run here on the CPU) rounds every value to one of its two
+    /// bf16 neighbours, without bias, across magnitudes, signs, powers of two (where the
+    /// spacing below is half the spacing above) and subnormals.
+    #[test]
+    fn device_rounding_picks_a_neighbour_without_bias() {
+        const K: usize = 256;
+        let mut rng = SplitMix64::new(11);
+        let mut xs: Vec<f32> = (0..1500)
+            .map(|_| {
+                let mant = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+                let exp = rng.below(60) as i32 - 40;
+                (mant * 2f64.powi(exp)) as f32
+            })
+            .collect();
+        // Just below and above powers of two, and values in bf16's subnormal range.
+        for e in [-20, -1, 0, 3, 30] {
+            let p = 2f32.powi(e);
+            for f in [1.0 - 3e-4, 1.0 - 1e-3, 1.0 + 1e-3, 1.0 + 5e-3] {
+                xs.push(p * f);
+                xs.push(-p * f);
+            }
+        }
+        for m in [0.3f32, 1.7, 77.2, 200.9] {
+            xs.push(m * 2f32.powi(-133));
+        }
+        let n = xs.len();
+        let x = Tensor::from_vec(xs.clone(), n, &Device::Cpu).unwrap();
+        let mut sums = vec![0f64; n];
+        for _ in 0..K {
+            let r = round_on_device(&x).unwrap();
+            assert_eq!(r.dtype(), DType::BF16);
+            let r = r.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+            for (i, (&ri, &xi)) in r.iter().zip(&xs).enumerate() {
+                let (lo, hi, _) = neighbours(xi);
+                assert!(ri == lo || ri == hi, "{xi:e} rounded to {ri:e}, not {lo:e} or {hi:e}");
+                sums[i] += ri as f64;
+            }
+        }
+        let (mut z, mut var) = (0f64, 0f64);
+        for (i, &xi) in xs.iter().enumerate() {
+            let (lo, _, ulp) = neighbours(xi);
+            let f = (xi as f64 - lo as f64).abs() / ulp;
+            z += (sums[i] / K as f64 - xi as f64) / ulp * xi.signum() as f64;
+            var += f * (1.0 - f) / K as f64;
+        }
+        assert!(z.abs() < 5.0 * var.sqrt(), "bias: Σ err/ulp = {z}, sd {}", var.sqrt());
+        // Representable values and specials are kept.
+        let exact = [0.0f32, -0.0, 1.0, -2.5, 2f32.powi(-133), f32::INFINITY, f32::NEG_INFINITY];
+        let t = Tensor::new(&exact, &Device::Cpu).unwrap();
+        let r = round_on_device(&t).unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>();
+        assert_eq!(r.unwrap(), exact);
+        let nan = Tensor::new(&[f32::NAN], &Device::Cpu).unwrap();
+        let r = round_on_device(&nan).unwrap().to_dtype(DType::F32).unwrap();
+        assert!(r.to_vec1::<f32>().unwrap()[0].is_nan());
+    }
+
+    #[test]
+    fn to_bf16_stochastic_on_the_cpu_is_the_deterministic_rounding() {
+        let x = Tensor::new(&[0.1f32, -3.3, 1e-5], &Device::Cpu).unwrap();
+        let a = to_bf16_stochastic(&x, 9).unwrap().to_vec1::<bf16>().unwrap();
+        assert_eq!(a, stochastic_round_bf16(&x, 9).unwrap().to_vec1::<bf16>().unwrap());
     }
 }

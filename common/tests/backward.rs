@@ -152,6 +152,33 @@ fn gradients_accumulate_over_passes() {
     }
 }
 
+/// bf16 accumulators (the trainer's `--grad-dtype bf16`) hold the f32 sums up to bf16
+/// precision: every weight, tied or not (the embedding's rows go through their own add).
+#[test]
+fn bf16_accumulators_hold_the_f32_sums() {
+    for tied in [false, true] {
+        let m = model(&TinySpec { tied, ..TinySpec::default() }, Mode::Frozen, DType::F32);
+        let groups = pairs();
+        let mut f32_sums = zero_grads(&m).unwrap();
+        let mut bf16_sums: Vec<Tensor> =
+            f32_sums.iter().map(|g| g.to_dtype(DType::BF16).unwrap()).collect();
+        for k in 0..6 {
+            // Passes of different sizes and output weights.
+            let w: Vec<f32> = dsums(6).iter().map(|x| x * (1.0 + k as f32)).collect();
+            for sums in [&mut f32_sums, &mut bf16_sums] {
+                let pass = forward_shared(&m, &groups, false).unwrap();
+                backward(pass, &w, sums).unwrap();
+            }
+        }
+        for ((name, _), (b, f)) in m.params().iter().zip(bf16_sums.iter().zip(&f32_sums)) {
+            assert_eq!(b.dtype(), DType::BF16, "{name}");
+            let e = rel_err(b, f);
+            // bf16 keeps 8 significant bits (2^-9 = 2e-3 per rounding), six adds.
+            assert!(e < 1e-2, "{name}: relative error {e:e} (tied {tied})");
+        }
+    }
+}
+
 #[test]
 fn shared_prompt_logprobs_equal_separate_sequences() {
     for dtype in [DType::F32, DType::F64] {

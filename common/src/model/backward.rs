@@ -147,8 +147,9 @@ impl ParamIndex {
 
 /// Adds the gradient of `Σ_r dsums[r] · logprob_r` (one value per response of the pass,
 /// in its order) with respect to every parameter into `grads` (one tensor per parameter, in
-/// `Llama::params()` order, usually f32). The pass is consumed: its activations are freed
-/// layer by layer as the backward goes.
+/// `Llama::params()` order, usually f32; bf16 accumulators are added into with stochastic
+/// rounding, see [`accumulate`]). The pass is consumed: its activations are freed layer by
+/// layer as the backward goes.
 pub fn backward(pass: TrainingPass, dsums: &[f32], grads: &mut [Tensor]) -> Result<()> {
     let TrainingPass { model, ctx, ids, layers, last, hidden, logits, batch, .. } = pass;
     let params = model.params();
@@ -199,8 +200,21 @@ pub fn backward(pass: TrainingPass, dsums: &[f32], grads: &mut [Tensor]) -> Resu
 
     // Embedding rows: each token's gradient goes to its id's row.
     let e = index.get("model.embed_tokens.weight");
-    let dx = dx.to_dtype(grads[e].dtype())?;
     let rows = ids.unsqueeze(1)?.broadcast_as((bt, h))?.contiguous()?;
+    if grads[e].dtype() == DType::BF16 {
+        // Scattered into bf16 one token at a time, every add would round to nearest: sum
+        // this pass's rows in f32 first (a [V, H] transient, no larger than the head's
+        // weight gradient), then add them once, rounding stochastically (`accumulate`).
+        let (v, _) = grads[e].dims2()?;
+        let summed = Tensor::zeros((v, h), DType::F32, &device)?.scatter_add(
+            &rows,
+            &dx.to_dtype(DType::F32)?,
+            0,
+        )?;
+        accumulate(&mut grads[e], &summed)?;
+        return Ok(());
+    }
+    let dx = dx.to_dtype(grads[e].dtype())?;
     if grads[e].is_contiguous() {
         grads[e].scatter_add_set(&rows, &dx, 0)?;
     } else {

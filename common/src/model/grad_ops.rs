@@ -5,7 +5,9 @@
 //! Each has a CPU f32 kernel (one pass, threaded over rows) and a fallback composed of plain
 //! candle ops for every other device and dtype (CUDA bf16, and f64 for the gradient checks).
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, InplaceOp2, Layout, Shape, Tensor, D};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor, D};
 
 use super::ops::{fast_path, for_each_row, inv_rms, slice, CResult};
 
@@ -241,12 +243,32 @@ impl InplaceOp2 for AddAssign {
     }
 }
 
+/// Seeds of the stochastic rounding of bf16 accumulators: each [`accumulate`] into one
+/// takes the next value, so successive adds round independently.
+static ROUNDING_SEED: AtomicU64 = AtomicU64::new(0);
+
+/// Restarts the sequence of rounding seeds of bf16 accumulators at `seed`. The trainer
+/// calls it once per optimizer step with a seed of (run, step), so that a resumed run
+/// rounds exactly as the uninterrupted one did (the backward's adds come in a fixed order).
+pub fn set_rounding_seed(seed: u64) {
+    ROUNDING_SEED.store(seed, Ordering::Relaxed);
+}
+
 /// `acc += g`, in place for contiguous f32 CPU tensors (no allocation: the accumulators are
 /// as large as the model); otherwise `acc` is replaced by the sum. `g` is converted to
 /// `acc`'s dtype first.
+///
+/// A bf16 `acc` is the exception: the sum is formed in f32 and rounded to bf16
+/// stochastically ([`crate::sround::add_stochastic_bf16`]; in place on a CPU). Summed with
+/// round-to-nearest, a gradient smaller than 2^-9 of the running sum would be lost.
 pub fn accumulate(acc: &mut Tensor, g: &Tensor) -> CResult<()> {
     if acc.dims() != g.dims() {
         candle_core::bail!("gradient of shape {:?} added to {:?}", g.dims(), acc.dims());
+    }
+    if acc.dtype() == DType::BF16 {
+        let seed = ROUNDING_SEED.fetch_add(1, Ordering::Relaxed);
+        return crate::sround::add_stochastic_bf16(acc, g, seed)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()));
     }
     let g = g.to_dtype(acc.dtype())?;
     if fast_path(&[acc, &g]) && acc.is_contiguous() {
