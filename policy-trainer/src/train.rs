@@ -17,7 +17,8 @@ use dpo_common::data::{self, EncodedPair, PreferencePair};
 use dpo_common::device::parse_device;
 use dpo_common::logprob::{shared_prompt_logprobs, SharedPrompt};
 use dpo_common::memory;
-use dpo_common::model::{backward, load_model, parse_dtype, Llama, LoadedModel, Mode};
+use dpo_common::model::{backward, grad_ops, load_model, parse_dtype, Llama, LoadedModel, Mode};
+use dpo_common::sround::update_seed;
 use dpo_proto::client::ClientOptions;
 use dpo_proto::token::load_token;
 use sha2::{Digest, Sha256};
@@ -324,6 +325,7 @@ pub fn run(args: TrainArgs) -> Result<RunSummary> {
             lr: args.lr,
             weight_decay: args.weight_decay,
             rounding_seed: args.seed,
+            state_dtype: args.optim_state_dtype.dtype(),
             ..RmsPropConfig::default()
         },
     )?;
@@ -381,7 +383,7 @@ pub fn run(args: TrainArgs) -> Result<RunSummary> {
         // The starting point of the curve; policy == reference, so the loss is ln 2.
         run.evaluate(&mut state, false)?;
     }
-    let mut accumulator = GradAccumulator::new(policy.vars())?;
+    let mut accumulator = GradAccumulator::new(policy.vars(), args.grad_dtype.dtype())?;
     let mut order = data::epoch_order(train_set.len(), args.seed, state.epoch as u64);
     while state.step < total_steps {
         if state.epoch_position >= train_set.len() {
@@ -402,6 +404,9 @@ pub fn run(args: TrainArgs) -> Result<RunSummary> {
         let ahead_end = (end + args.ref_prefetch).min(train_set.len());
         scorer.prefetch(order[state.epoch_position..ahead_end].iter().map(|&i| &train_set[i]));
 
+        // bf16 sums round stochastically at each add; seeded per step, a resumed run adds
+        // with the same random bits as the uninterrupted one.
+        grad_ops::set_rounding_seed(update_seed(args.seed, state.step as u64, u64::MAX));
         let mut stats = dpo::DpoStats::default();
         for micro in batch.chunks(args.micro_batch) {
             // Mean over the whole batch: each micro-batch adds its share of the sum.
@@ -476,15 +481,13 @@ fn check_memory(
 ) -> Result<()> {
     // A pair is one row: prompt, chosen, rejected.
     let longest = train.iter().chain(val).map(|p| shared_row(p).row_len()).max().unwrap_or(0);
-    let config = memory::MemoryConfig::policy(
-        device,
-        dtype,
-        args.micro_batch,
-        longest,
-        args.grad_checkpointing,
-    );
+    let config = memory_config(args, device, dtype, longest);
     let plan = memory::predict_peak_bytes(policy.config(), &config);
-    eprintln!("policy, micro-batch {} of {longest}-token pair rows: {plan}", args.micro_batch);
+    eprintln!(
+        "policy, micro-batch {} of {longest}-token pair rows (gradients {:?}, RMSprop state \
+         {:?}): {plan}",
+        args.micro_batch, config.grad_dtype, config.optim_state_dtype
+    );
     if let Some(free) = memory::available_bytes(device) {
         // The weights are loaded already: they are in the plan but no longer in `free`.
         // (On a GPU, exactly the weights; on a CPU, whatever the process holds.)
@@ -493,6 +496,31 @@ fn check_memory(
             .context("the policy would run out of memory")?;
     }
     Ok(())
+}
+
+/// The memory model's view of this run's policy, for rows of `row_len` tokens.
+fn memory_config(
+    args: &TrainArgs,
+    device: &candle_core::Device,
+    dtype: DType,
+    row_len: usize,
+) -> memory::MemoryConfig {
+    let base = memory::MemoryConfig::policy(
+        device,
+        dtype,
+        args.micro_batch,
+        row_len,
+        args.grad_checkpointing,
+    );
+    let (grad_dtype, optim_state_dtype) = (args.grad_dtype.dtype(), args.optim_state_dtype.dtype());
+    memory::MemoryConfig {
+        grad_dtype,
+        optim_state_dtype,
+        // The fused RMSprop step runs on f32 state only (a bf16 sum is read in f32 first,
+        // a transient the step's temporaries cover).
+        in_place_optimizer: base.in_place_optimizer && optim_state_dtype == DType::F32,
+        ..base
+    }
 }
 
 /// Crash injection for the resume tests: `DPO_TEST_CRASH_AFTER_STEP=N` aborts the process
@@ -640,6 +668,63 @@ mod tests {
     use dpo_common::logprob::response_logprobs;
     use dpo_common::model::Mode;
     use dpo_common::testing::{tiny_config, tiny_weights, TinySpec};
+
+    /// `--grad-dtype` and `--optim-state-dtype` reach the memory model: Llama 3.1 8B with
+    /// bf16 weights, bf16 sums, bf16 RMSprop state and checkpointing is predicted to fit an
+    /// 80 GB card (79 GiB: what an H100 80GB reports, less the CUDA context), with room to
+    /// spare; with the f32 defaults it cannot.
+    #[test]
+    fn eight_b_fits_an_80_gb_card_with_the_bf16_flags() {
+        use clap::Parser;
+        use dpo_common::model::LlamaConfig;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            train: TrainArgs,
+        }
+        let args = |extra: &[&str]| {
+            let mut argv = vec!["t", "--model", "m", "--data", "d.jsonl", "--grad-checkpointing"];
+            argv.extend(extra);
+            Cli::try_parse_from(argv).unwrap().train
+        };
+        let cfg = LlamaConfig {
+            vocab_size: 128_256,
+            hidden_size: 4096,
+            intermediate_size: 14_336,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: 8,
+            head_dim: 128,
+            max_position_embeddings: 131_072,
+            ..tiny_config(&TinySpec::default())
+        };
+        assert_eq!(memory::param_count(&cfg), 8_030_261_248);
+        let card = 79u64 << 30;
+        let lean_flags = ["--grad-dtype", "bf16", "--optim-state-dtype", "bf16"];
+        // The README's HH run (micro-batch 1; a pair row of at most ~1024 tokens) and a
+        // heavier one (4 rows of 2048 tokens).
+        for (micro, row) in [("1", 1024), ("4", 2048)] {
+            let lean = args(&[&lean_flags[..], &["--micro-batch", micro]].concat());
+            let mc = memory_config(&lean, &Device::Cpu, DType::BF16, row);
+            assert_eq!((mc.grad_dtype, mc.optim_state_dtype), (DType::BF16, DType::BF16));
+            assert_eq!(mc.micro_batch.to_string(), micro);
+            let plan = memory::predict_peak_bytes(&cfg, &mc);
+            eprintln!("8B, bf16 flags, micro-batch {micro} of {row}-token rows: {plan}");
+            assert!(memory::check_fits(&plan, card).is_ok(), "{plan}");
+            let fat = args(&["--micro-batch", micro]);
+            let mc = memory_config(&fat, &Device::Cpu, DType::BF16, row);
+            assert_eq!((mc.grad_dtype, mc.optim_state_dtype), (DType::F32, DType::F32));
+            let plan = memory::predict_peak_bytes(&cfg, &mc);
+            eprintln!("8B, f32 defaults, micro-batch {micro} of {row}-token rows: {plan}");
+            assert!(memory::check_fits(&plan, card).is_err(), "{plan}");
+        }
+        // The fused (in-place) RMSprop step is only planned for f32 state.
+        let cpu_f32 = memory_config(&args(&[]), &Device::Cpu, DType::F32, 64);
+        assert!(cpu_f32.in_place_optimizer);
+        let cpu_bf16_state =
+            memory_config(&args(&["--optim-state-dtype", "bf16"]), &Device::Cpu, DType::F32, 64);
+        assert!(!cpu_bf16_state.in_place_optimizer);
+    }
 
     #[test]
     fn passes_keep_padding_under_ten_percent() {

@@ -212,6 +212,61 @@ fn grad_checkpointing_trains_the_same_as_a_plain_backward() {
     }
 }
 
+/// The memory-saving configuration for large models (`--dtype bf16 --grad-dtype bf16
+/// --optim-state-dtype bf16`) on the same run: it trains (the step-0 loss is ln 2 up to
+/// bf16's rounding of the policy's log-probs), saves its RMSprop state in bf16, resumes
+/// from it, and a resume with another state dtype is refused by name.
+#[test]
+fn bf16_weights_gradients_and_state_train_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    // Stored in bf16, as large checkpoints are: the f32 server and the bf16 policy then
+    // load the same values (the same fingerprint).
+    write_tiny_checkpoint(&model, &TinySpec::default(), DType::BF16, None).unwrap();
+    let server = Server::start(&model, &[], dir.path());
+    let out_dir = dir.path().join("run");
+    let lean = ["--dtype", "bf16", "--grad-dtype", "bf16", "--optim-state-dtype", "bf16"];
+    let train = |steps: usize, extra: &[&str]| {
+        Command::new(binary("policy-trainer"))
+            .args(trainer_args(&model, &server.url, &out_dir, steps))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = train(2, &lean);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bf16 run failed:\n{stderr}");
+    assert!(stderr.contains("gradients BF16, RMSprop state BF16"), "{stderr}");
+    let records = read_jsonl(&out_dir.join("metrics.jsonl"));
+    let trains = kind(&records, "train");
+    assert_eq!(trains.len(), 2);
+    let ln2 = std::f64::consts::LN_2;
+    let e0 = &kind(&records, "eval")[0];
+    assert!((f(e0, "loss") - ln2).abs() < 0.05, "step-0 loss {}", f(e0, "loss"));
+    for t in &trains {
+        assert!(f(t, "loss").is_finite() && f(t, "grad_norm") > 0.0, "{t}");
+    }
+    let state =
+        candle_core::safetensors::load(out_dir.join("last/optimizer.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert!(!state.is_empty());
+    assert!(state.values().all(|t| t.dtype() == DType::BF16), "the state was not saved in bf16");
+
+    // Resuming with the default f32 state is refused, naming the flag; with the run's own
+    // flags it continues.
+    let refused = train(3, &["--dtype", "bf16", "--grad-dtype", "bf16", "--resume"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("--optim-state-dtype"), "{stderr}");
+    let resumed = train(3, &[&lean[..], &["--resume"]].concat());
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "bf16 resume failed:\n{stderr}");
+    assert!(stderr.contains("resuming at step 2"), "{stderr}");
+    let trains = kind(&read_jsonl(&out_dir.join("metrics.jsonl")), "train");
+    assert_eq!(trains.len(), 3);
+    assert!(f(&trains[2], "loss").is_finite());
+}
+
 #[test]
 fn refuses_a_different_reference() {
     let dir = tempfile::tempdir().unwrap();

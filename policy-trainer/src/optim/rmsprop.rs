@@ -7,17 +7,22 @@
 //! p  = p − lr · g / (sqrt(v) + eps)
 //! ```
 //!
-//! The square averages `v` are f32 whatever the parameters' dtype; the update is computed in
-//! f32 and written back in the parameter's dtype: bf16 parameters are rounded stochastically
-//! (`dpo_common::sround`), since at lr 1e-6 round-to-nearest would discard every update. The state serializes to safetensors
-//! (`square_avg.{i}` per parameter, the step count in the metadata) for `--resume`.
+//! The square averages `v` are f32 by default whatever the parameters' dtype, or bf16
+//! (`--optim-state-dtype bf16`, half the memory). Either way each update is computed in f32
+//! (a bf16 `v` is read in f32, updated, and the new average both divides this step's
+//! gradient and is stored back, rounded stochastically: `v` moves by 1% of the gap to g² per
+//! step, which round-to-nearest at 8 bits would often drop, leaving `v` stuck). The update
+//! is written back in the parameter's dtype: bf16 parameters are rounded stochastically
+//! (`dpo_common::sround`), since at lr 1e-6 round-to-nearest would discard every update.
+//! The state serializes to safetensors (`square_avg.{i}` per parameter in the state's dtype,
+//! the step count in the metadata) for `--resume`.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use dpo_common::sround::{apply_update_bf16, update_seed};
+use dpo_common::sround::{apply_update_bf16, to_bf16_stochastic, update_seed};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
@@ -34,13 +39,23 @@ pub struct RmsPropConfig {
     /// L2 penalty added to the gradient (not decoupled, as in PyTorch's RMSprop).
     pub weight_decay: f64,
     /// Seed of the stochastic rounding of bf16 parameters (with the step and the parameter
-    /// index, so a resumed run rounds as the uninterrupted one would).
+    /// index, so a resumed run rounds as the uninterrupted one would); also of a bf16
+    /// state's rounding.
     pub rounding_seed: u64,
+    /// Dtype of the square averages: f32 (PyTorch's) or bf16.
+    pub state_dtype: DType,
 }
 
 impl Default for RmsPropConfig {
     fn default() -> Self {
-        RmsPropConfig { lr: 1e-6, alpha: 0.99, eps: 1e-8, weight_decay: 0.0, rounding_seed: 0 }
+        RmsPropConfig {
+            lr: 1e-6,
+            alpha: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            rounding_seed: 0,
+            state_dtype: DType::F32,
+        }
     }
 }
 
@@ -62,6 +77,11 @@ impl RmsPropConfig {
             "RMSprop: invalid weight decay {}",
             self.weight_decay
         );
+        ensure!(
+            matches!(self.state_dtype, DType::F32 | DType::BF16),
+            "RMSprop: the state is kept in f32 or bf16, not {:?}",
+            self.state_dtype
+        );
         Ok(())
     }
 }
@@ -69,9 +89,13 @@ impl RmsPropConfig {
 /// Format tag in the saved state's metadata, so a file of another kind is refused clearly.
 const FORMAT: &str = "rmsprop-v1";
 
+/// Mixed into the rounding seed of a bf16 state, so that its rounding is independent of the
+/// parameters' (same step and index).
+const STATE_ROUNDING: u64 = 0x5EED_57A7_E000_0001;
+
 pub struct RmsProp {
     vars: Vec<Var>,
-    /// Per parameter, f32, same shape.
+    /// Per parameter, same shape, in `cfg.state_dtype`.
     square_avg: Vec<Tensor>,
     steps: u64,
     cfg: RmsPropConfig,
@@ -83,7 +107,7 @@ impl RmsProp {
         cfg.validate()?;
         let square_avg = vars
             .iter()
-            .map(|v| Tensor::zeros(v.shape(), DType::F32, v.device()))
+            .map(|v| Tensor::zeros(v.shape(), cfg.state_dtype, v.device()))
             .collect::<candle_core::Result<Vec<_>>>()
             .context("allocating the RMSprop state")?;
         Ok(RmsProp { vars: vars.to_vec(), square_avg, steps: 0, cfg })
@@ -114,22 +138,37 @@ impl RmsProp {
         for (i, ((var, v), g)) in
             self.vars.iter().zip(&mut self.square_avg).zip(grads.grads()).enumerate()
         {
-            if super::fused::applies(var.as_tensor(), v, g) {
-                // f32 on a CPU: in place, no parameter-sized temporaries (same arithmetic).
-                super::fused::step(var.as_tensor(), v, g, &cfg)
+            // bf16 sums are read in f32 (an f32 tensor is returned as it is).
+            let g = g.to_dtype(DType::F32)?;
+            if super::fused::applies(var.as_tensor(), v, &g) {
+                // f32 weights and state on a CPU: in place, no parameter-sized temporaries
+                // (same arithmetic).
+                super::fused::step(var.as_tensor(), v, &g, &cfg)
                     .with_context(|| format!("RMSprop: updating parameter {i}"))?;
                 continue;
             }
             let p = var.as_tensor().detach().to_dtype(DType::F32)?;
-            let g = if cfg.weight_decay != 0.0 {
-                (g + p.affine(cfg.weight_decay, 0.0)?)?
-            } else {
-                g.clone()
-            };
+            let g =
+                if cfg.weight_decay != 0.0 { (g + p.affine(cfg.weight_decay, 0.0)?)? } else { g };
             let g = g.detach();
-            *v = (v.affine(alpha, 0.0)? + g.sqr()?.affine(1.0 - alpha, 0.0)?)?.detach();
-            let avg = (v.sqrt()? + cfg.eps)?;
+            // A bf16 `v` is read in f32 for this expression only (as few parameter-sized f32
+            // tensors alive at once as with f32 state).
+            let new_v = (v.to_dtype(DType::F32)?.affine(alpha, 0.0)?
+                + g.sqr()?.affine(1.0 - alpha, 0.0)?)?
+            .detach();
+            let avg = (new_v.sqrt()? + cfg.eps)?;
             let update = (g / avg)?.affine(-cfg.lr, 0.0)?;
+            *v = match cfg.state_dtype {
+                // This step used the f32 average; the stored one is rounded stochastically
+                // (round-to-nearest would drop every move of v under half a spacing, i.e.
+                // whenever g² is within 20-40% of v, and v would stop following g²).
+                DType::BF16 => {
+                    let seed =
+                        update_seed(cfg.rounding_seed ^ STATE_ROUNDING, self.steps, i as u64);
+                    to_bf16_stochastic(&new_v, seed)?
+                }
+                _ => new_v,
+            };
             let new = match var.dtype() {
                 // Round-to-nearest would drop every update smaller than half a bf16 spacing
                 // (at lr 1e-6 that is all of them): round stochastically, unbiased.
@@ -146,15 +185,25 @@ impl RmsProp {
         Ok(())
     }
 
-    /// The state as a safetensors file: `square_avg.{i}` (f32) per parameter and the step
-    /// count in the metadata.
+    /// The state as a safetensors file: `square_avg.{i}` per parameter, in the state's dtype
+    /// (F32 or BF16), and the step count in the metadata.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let st_dtype = st_dtype(self.cfg.state_dtype)?;
         let data = self
             .square_avg
             .iter()
             .map(|t| {
-                let v = t.flatten_all()?.to_vec1::<f32>()?;
-                Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+                let t = t.flatten_all()?;
+                Ok(match self.cfg.state_dtype {
+                    DType::BF16 => {
+                        let v = t.to_vec1::<half::bf16>()?;
+                        v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()
+                    }
+                    _ => {
+                        let v = t.to_vec1::<f32>()?;
+                        v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()
+                    }
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         let views = self
@@ -165,7 +214,7 @@ impl RmsProp {
             .map(|(i, (t, bytes))| {
                 Ok((
                     format!("square_avg.{i}"),
-                    TensorView::new(Dtype::F32, t.dims().to_vec(), bytes)?,
+                    TensorView::new(st_dtype, t.dims().to_vec(), bytes)?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -184,7 +233,10 @@ impl RmsProp {
     }
 
     /// Restores the state saved by [`to_bytes`](Self::to_bytes). Every tensor's shape must
-    /// match its parameter; on any error the current state is left unchanged.
+    /// match its parameter and its dtype this optimizer's state dtype: a state saved in
+    /// another dtype is refused, not converted (a resumed run replays the uninterrupted one
+    /// only with the same `--optim-state-dtype`). On any error the current state is left
+    /// unchanged.
     pub fn load_bytes(&mut self, bytes: &[u8]) -> Result<()> {
         let st = SafeTensors::deserialize(bytes).context("not a safetensors optimizer state")?;
         let (_, header) = SafeTensors::read_metadata(bytes)?;
@@ -213,12 +265,17 @@ impl RmsProp {
                 view.shape(),
                 var.dims()
             );
-            if view.dtype() != Dtype::F32 {
-                bail!("optimizer state for parameter {i} is {:?}, expected F32", view.dtype());
+            let want = st_dtype(self.cfg.state_dtype)?;
+            if view.dtype() != want {
+                bail!(
+                    "optimizer state for parameter {i} is {:?}, this run keeps it in {want:?}: \
+                     resume with the --optim-state-dtype the run was started with",
+                    view.dtype()
+                );
             }
             square_avg.push(Tensor::from_raw_buffer(
                 view.data(),
-                DType::F32,
+                self.cfg.state_dtype,
                 view.shape(),
                 var.device(),
             )?);
@@ -226,6 +283,15 @@ impl RmsProp {
         self.square_avg = square_avg;
         self.steps = steps;
         Ok(())
+    }
+}
+
+/// The safetensors dtype of a state dtype.
+fn st_dtype(dtype: DType) -> Result<Dtype> {
+    match dtype {
+        DType::F32 => Ok(Dtype::F32),
+        DType::BF16 => Ok(Dtype::BF16),
+        other => bail!("RMSprop: no saved form for a {other:?} state"),
     }
 }
 
@@ -243,12 +309,12 @@ mod tests {
 
     /// Accumulates the gradient of Σ c·p² (grad 2c·p) for a step-dependent c.
     fn grads(vars: &[Var], step: usize) -> GradAccumulator {
-        let mut acc = GradAccumulator::new(vars).unwrap();
+        let mut acc = GradAccumulator::new(vars, DType::F32).unwrap();
         let c = 1.0 + step as f64 * 0.5;
         let mut loss = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
         for v in vars {
-            loss = (loss + v.as_tensor().sqr().unwrap().sum_all().unwrap().affine(c, 0.0).unwrap())
-                .unwrap();
+            let v = v.as_tensor().to_dtype(DType::F32).unwrap();
+            loss = (loss + v.sqr().unwrap().sum_all().unwrap().affine(c, 0.0).unwrap()).unwrap();
         }
         acc.add(&loss.backward().unwrap()).unwrap();
         acc
@@ -256,7 +322,10 @@ mod tests {
 
     fn values(vars: &[Var]) -> Vec<f32> {
         vars.iter()
-            .flat_map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .flat_map(|v| {
+                let t = v.as_tensor().to_dtype(DType::F32).unwrap();
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
             .collect()
     }
 
@@ -293,7 +362,7 @@ mod tests {
             let vars = [var.clone()];
             let cfg = RmsPropConfig { lr: 1e-6, rounding_seed: 3, ..Default::default() };
             let mut opt = RmsProp::new(&vars, cfg).unwrap();
-            let mut acc = GradAccumulator::new(&vars).unwrap();
+            let mut acc = GradAccumulator::new(&vars, DType::F32).unwrap();
             for _ in 0..300 {
                 acc.zero().unwrap();
                 let loss = var.as_tensor().to_dtype(DType::F32).unwrap().sum_all().unwrap();
@@ -311,6 +380,150 @@ mod tests {
             (moved_bf16 - moved_f32).abs() < 0.05 * moved_f32,
             "bf16 moved {moved_bf16}, f32 {moved_f32}"
         );
+    }
+
+    /// A toy problem (loss Σ c·p², c spread over two decades, 4096 f32 weights) for 60
+    /// steps at lr 1e-2, with the RMSprop state in f32 and in bf16: the weights follow the
+    /// same trajectory to a small fraction of how far they move, and the stored averages
+    /// agree without bias.
+    #[test]
+    fn bf16_state_tracks_f32_state() {
+        const N: usize = 4096;
+        let c: Vec<f32> = (0..N).map(|i| 10f32.powf((i % 97) as f32 / 48.0 - 1.0)).collect();
+        let p0: Vec<f32> = (0..N).map(|i| ((i * 37 % 101) as f32 + 0.5) / 50.0 - 1.0).collect();
+        let c = Tensor::new(c, &Device::Cpu).unwrap();
+        let run = |state_dtype: DType| {
+            let var = Var::new(p0.as_slice(), &Device::Cpu).unwrap();
+            let vars = [var.clone()];
+            let cfg =
+                RmsPropConfig { lr: 1e-2, state_dtype, rounding_seed: 5, ..Default::default() };
+            let mut opt = RmsProp::new(&vars, cfg).unwrap();
+            for _ in 0..60 {
+                let mut acc = GradAccumulator::new(&vars, DType::F32).unwrap();
+                let loss = (var.as_tensor().sqr().unwrap() * &c).unwrap().sum_all().unwrap();
+                acc.add(&loss.backward().unwrap()).unwrap();
+                opt.step(&acc).unwrap();
+            }
+            assert_eq!(opt.square_avg[0].dtype(), state_dtype);
+            let v = opt.square_avg[0].to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+            (values(&vars), v)
+        };
+        let (p32, v32) = run(DType::F32);
+        let (p16, v16) = run(DType::BF16);
+        let moved: f64 = p32.iter().zip(&p0).map(|(a, b)| (a - b).abs() as f64).sum();
+        let apart: f64 = p32.iter().zip(&p16).map(|(a, b)| (a - b).abs() as f64).sum();
+        let worst = p32.iter().zip(&p16).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        eprintln!(
+            "weights: moved {moved:.3e} in all, bf16 state apart by {apart:.3e}, worst {worst:.2e}"
+        );
+        assert!(apart < 1e-3 * moved, "bf16 state drifted: {apart} vs a move of {moved}");
+        assert!(worst < 0.6e-2, "a weight drifted by {worst} (lr 1e-2 moves it ≤ ~0.1 a step)");
+        // The averages differ by rounding noise (bf16 spacing: 2^-8 relative) and, where a
+        // weight oscillates around 0 (lr 1e-2 against |p| of ~1e-2), by the different
+        // gradients of slightly different weights (measured: rms 1.8%); but not by a bias.
+        let rels: Vec<f64> = v32.iter().zip(&v16).map(|(a, b)| ((b - a) / a) as f64).collect();
+        let bias = rels.iter().sum::<f64>() / N as f64;
+        let rms = (rels.iter().map(|r| r * r).sum::<f64>() / N as f64).sqrt();
+        eprintln!("state: relative bias {bias:.2e}, rms {rms:.2e}");
+        assert!(bias.abs() < 1e-3, "the bf16 state is biased by {bias}");
+        assert!(rms < 5e-2, "the bf16 state is off by {rms} (rms, relative)");
+    }
+
+    /// Under a constant gradient v climbs toward g² by 1% of the gap per step: after a few
+    /// hundred steps that move is under half a bf16 spacing, and a state rounded to nearest
+    /// stops short. The stochastically rounded state keeps following, as f32 does.
+    #[test]
+    fn bf16_state_keeps_climbing_where_round_to_nearest_stalls() {
+        const N: usize = 2048;
+        const STEPS: usize = 500;
+        let run = |state_dtype: DType| {
+            let var = Var::zeros(N, DType::F32, &Device::Cpu).unwrap();
+            let vars = [var.clone()];
+            let cfg = RmsPropConfig { lr: 0.0, state_dtype, ..Default::default() };
+            let mut opt = RmsProp::new(&vars, cfg).unwrap();
+            let mut acc = GradAccumulator::new(&vars, DType::F32).unwrap();
+            let loss = var.as_tensor().sum_all().unwrap(); // gradient 1 everywhere
+            acc.add(&loss.backward().unwrap()).unwrap();
+            for _ in 0..STEPS {
+                opt.step(&acc).unwrap();
+            }
+            let v = opt.square_avg[0].to_dtype(DType::F64).unwrap();
+            v.mean_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        let (f32_v, bf16_v) = (run(DType::F32), run(DType::BF16));
+        // The same recursion rounded to nearest.
+        let mut rtn = half::bf16::ZERO;
+        for _ in 0..STEPS {
+            rtn = half::bf16::from_f32(rtn.to_f32() * 0.99 + 0.01);
+        }
+        let rtn = rtn.to_f64();
+        eprintln!(
+            "mean v after {STEPS} steps: f32 {f32_v:.5}, bf16 stochastic {bf16_v:.5}, \
+             nearest {rtn:.5}"
+        );
+        assert!((f32_v - (1.0 - 0.99f64.powi(STEPS as i32))).abs() < 1e-4);
+        assert!((bf16_v - f32_v).abs() < 2e-3, "stochastic {bf16_v} vs f32 {f32_v}");
+        assert!(f32_v - rtn > 1e-2, "premise: nearest stalls ({rtn} vs {f32_v})");
+    }
+
+    /// bf16 parameters and bf16 state saved after 3 steps and loaded into a fresh optimizer
+    /// continue exactly as the uninterrupted run (the roundings are seeded by step and
+    /// parameter); the file holds BF16 tensors; an f32-state optimizer refuses it, and the
+    /// other way round.
+    #[test]
+    fn bf16_state_saves_and_resumes_identically() {
+        let cfg = RmsPropConfig {
+            lr: 0.05,
+            weight_decay: 0.1,
+            state_dtype: DType::BF16,
+            rounding_seed: 7,
+            ..Default::default()
+        };
+        let bf = |vars: Vec<Var>| -> Vec<Var> {
+            vars.iter()
+                .map(|v| Var::from_tensor(&v.as_tensor().to_dtype(DType::BF16).unwrap()).unwrap())
+                .collect()
+        };
+        let a = bf(params());
+        let mut opt_a = RmsProp::new(&a, cfg).unwrap();
+        for s in 0..3 {
+            opt_a.step(&grads(&a, s)).unwrap();
+        }
+        let saved = opt_a.to_bytes().unwrap();
+        let st = SafeTensors::deserialize(&saved).unwrap();
+        assert_eq!(st.tensor("square_avg.0").unwrap().dtype(), Dtype::BF16);
+        assert_eq!(st.tensor("square_avg.0").unwrap().data().len(), 4 * 2);
+        let weights: Vec<Tensor> = a.iter().map(|v| v.as_tensor().copy().unwrap()).collect();
+        for s in 3..5 {
+            opt_a.step(&grads(&a, s)).unwrap();
+        }
+        let b: Vec<Var> = weights.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let mut opt_b = RmsProp::new(&b, cfg).unwrap();
+        opt_b.load_bytes(&saved).unwrap();
+        assert_eq!(opt_b.steps(), 3);
+        assert_eq!(opt_b.square_avg[1].dtype(), DType::BF16);
+        for s in 3..5 {
+            opt_b.step(&grads(&b, s)).unwrap();
+        }
+        assert_eq!(values(&a), values(&b));
+        for (x, y) in opt_a.square_avg.iter().zip(&opt_b.square_avg) {
+            let (x, y) = (x.to_dtype(DType::F32).unwrap(), y.to_dtype(DType::F32).unwrap());
+            assert_eq!(
+                x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+        // Another dtype is refused, naming the flag, and leaves the state as it was.
+        let mut f32_state =
+            RmsProp::new(&b, RmsPropConfig { state_dtype: DType::F32, ..cfg }).unwrap();
+        let err = f32_state.load_bytes(&saved).unwrap_err().to_string();
+        assert!(err.contains("BF16") && err.contains("--optim-state-dtype"), "{err}");
+        assert_eq!(f32_state.steps(), 0);
+        let f32_saved = f32_state.to_bytes().unwrap();
+        let err = opt_b.load_bytes(&f32_saved).unwrap_err().to_string();
+        assert!(err.contains("F32") && err.contains("--optim-state-dtype"), "{err}");
+        assert_eq!(opt_b.steps(), 5);
+        assert!(RmsProp::new(&b, RmsPropConfig { state_dtype: DType::F16, ..cfg }).is_err());
     }
 
     #[test]
@@ -380,7 +593,7 @@ mod tests {
         let mut opt =
             RmsProp::new(std::slice::from_ref(&v), RmsPropConfig { lr: 0.1, ..Default::default() })
                 .unwrap();
-        let mut acc = GradAccumulator::new(std::slice::from_ref(&v)).unwrap();
+        let mut acc = GradAccumulator::new(std::slice::from_ref(&v), DType::F32).unwrap();
         let loss = v.as_tensor().to_dtype(DType::F32).unwrap().sum_all().unwrap();
         acc.add(&loss.backward().unwrap()).unwrap();
         opt.step(&acc).unwrap();
@@ -396,9 +609,9 @@ mod tests {
         assert!(RmsProp::new(&vars, RmsPropConfig { lr: -1.0, ..Default::default() }).is_err());
         assert!(RmsProp::new(&vars, RmsPropConfig { alpha: 1.5, ..Default::default() }).is_err());
         let mut opt = RmsProp::new(&vars, RmsPropConfig::default()).unwrap();
-        let acc = GradAccumulator::new(&vars).unwrap();
+        let acc = GradAccumulator::new(&vars, DType::F32).unwrap();
         assert!(opt.step(&acc).unwrap_err().to_string().contains("no gradients"));
-        let other = GradAccumulator::new(&params()).unwrap();
+        let other = GradAccumulator::new(&params(), DType::F32).unwrap();
         assert!(opt.step(&other).unwrap_err().to_string().contains("other parameters"));
     }
 }

@@ -56,7 +56,7 @@ fn rmsprop_matches_torch() {
             steps.iter().zip(case["expected"].as_array().unwrap()).enumerate()
         {
             // loss = Σ g·p has gradient exactly g.
-            let mut acc = GradAccumulator::new(&vars).unwrap();
+            let mut acc = GradAccumulator::new(&vars, candle_core::DType::F32).unwrap();
             let mut loss = Tensor::zeros((), candle_core::DType::F32, &Device::Cpu).unwrap();
             for (v, g) in vars.iter().zip(step_grads.as_array().unwrap()) {
                 let (data, shape) = flatten(g);
