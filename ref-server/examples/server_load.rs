@@ -2,7 +2,9 @@
 //! running `ref-server`, and the same requests are scored in-process through the same
 //! [`Engine`] without gRPC, so the transport's overhead is one ratio measured in one run.
 //! A batch-1 direct `response_logprobs` pass gives the number comparable with
-//! `../shared/bench/torch_baseline.py` (batch 1, forward only).
+//! `../shared/bench/torch_baseline.py` (batch 1, forward only). Every tokens/s counts
+//! prompt + response per sequence (torch_baseline.py's count), although the server scores a
+//! pair as one row with the prompt once: the same work, so the rates compare.
 //!
 //!   cargo run --release -p ref-server --example server_load -- \
 //!       --server http://127.0.0.1:PORT --model MODEL.gguf --hh FILE.jsonl.gz \
@@ -137,10 +139,16 @@ async fn main() -> Result<()> {
         .iter()
         .map(|p| 2 * p.prompt_ids.len() + p.chosen_ids.len() + p.rejected_ids.len())
         .sum();
+    // What the server computes: one row per pair, the prompt once.
+    let row_tokens: usize = token_pairs
+        .iter()
+        .map(|p| p.prompt_ids.len() + p.chosen_ids.len() + p.rejected_ids.len())
+        .sum();
     let requests: Vec<Vec<TokenPair>> =
         token_pairs.chunks(args.pairs_per_request.max(1)).map(|c| c.to_vec()).collect();
     eprintln!(
-        "{} pairs ({tokens} tokens, prompt + response per sequence), {} requests of {} pairs, {} clients",
+        "{} pairs ({tokens} tokens, prompt + response per sequence; {row_tokens} as shared-prompt \
+         rows), {} requests of {} pairs, {} clients",
         token_pairs.len(),
         requests.len(),
         args.pairs_per_request,

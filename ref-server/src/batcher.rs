@@ -1,28 +1,36 @@
-//! Dynamic batching. One dedicated thread owns the model; requests enqueue their sequences
-//! and wait on a oneshot channel. Each forward pass takes up to `batch_token_budget` padded
-//! tokens (sequences × longest sequence), chosen so that
+//! Dynamic batching. One dedicated thread owns the model; requests enqueue their rows and
+//! wait on a oneshot channel. The unit of work is a row, a [`SharedPrompt`]: a prompt with
+//! the responses that share it, each response attending to the prompt and to itself only
+//! (see `dpo_common::logprob`). A pair item (prompt, chosen, rejected) is one row, so its
+//! prompt goes through the model once, not twice; [`item_rows`] lays a request out as
+//! rows. Each forward pass takes up to `batch_token_budget` padded tokens (rows × longest
+//! row), chosen so that
 //!
-//! * the oldest waiting request always gets at least one sequence in: requests finish in
+//! * the oldest waiting request always gets at least one row in: requests finish in
 //!   roughly arrival order, and a large request can delay a small one only until it is
 //!   done, never indefinitely;
-//! * around that anchor, sequences of similar length are grouped (sorted by length within
-//!   a window of the oldest requests), and a neighbour joins only while real tokens stay at
+//! * around that anchor, rows of similar length are grouped (sorted by length within a
+//!   window of the oldest requests), and a neighbour joins only while real tokens stay at
 //!   least `min_fill` of the padded tokens: padding is pure waste (on a CPU, batching gains
-//!   little over one sequence at a time, so `min_fill` near 1 is right there; on a GPU a
-//!   lower value buys larger batches).
+//!   little over one row at a time, so `min_fill` near 1 is right there; on a GPU a lower
+//!   value buys larger batches).
 //!
-//! Memory is bounded: a request first takes its token count from a semaphore of
+//! Memory is bounded: a request first takes its row tokens from a semaphore of
 //! `max_queued_tokens`, and waits there while the queue is full.
+//!
+//! Results come back one per response, in request order, exactly as if every response had
+//! been scored as its own `prompt ++ response` sequence (the numbers equal up to float
+//! rounding).
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use dpo_common::logprob::{response_logprobs, Sequence};
+use dpo_common::logprob::{shared_prompt_logprobs, Sequence, SharedPrompt};
 use dpo_common::model::Llama;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-/// The score of one sequence.
+/// The score of one response.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scored {
     /// Summed response log-prob, accumulated in f64.
@@ -39,9 +47,46 @@ pub enum BatchError {
     Forward(String),
 }
 
+/// Lays out a validated request's sequences (`responses_per_item` of them per item, in
+/// order) as rows: the responses of one item that share its prompt (the ids before
+/// `response_start`) go into one row while it stays within `max_row` tokens, so a pair item
+/// is one row. Sequences with a different prompt, and responses that would make a row
+/// longer than `max_row` (the batch budget), start a row of their own; a row always holds
+/// at least one response. Items never share a row. Flattening the rows' responses gives
+/// back the order of `seqs`.
+pub fn item_rows(
+    seqs: &[Sequence],
+    responses_per_item: &[usize],
+    max_row: usize,
+) -> Vec<SharedPrompt> {
+    let mut rows = Vec::with_capacity(responses_per_item.len());
+    let mut next = seqs.iter();
+    for &n in responses_per_item {
+        let mut current: Option<SharedPrompt> = None;
+        for s in next.by_ref().take(n) {
+            let (prompt, response) = s.ids.split_at(s.response_start);
+            match &mut current {
+                Some(row) if row.prompt == prompt && row.row_len() + response.len() <= max_row => {
+                    row.responses.push(response.to_vec());
+                }
+                _ => {
+                    rows.extend(current.take());
+                    current = Some(SharedPrompt {
+                        prompt: prompt.to_vec(),
+                        responses: vec![response.to_vec()],
+                    });
+                }
+            }
+        }
+        rows.extend(current);
+    }
+    rows
+}
+
 struct Job {
-    seqs: Vec<Sequence>,
-    results: Vec<Option<Scored>>,
+    rows: Vec<SharedPrompt>,
+    /// Per row: the scores of its responses, once its pass is done.
+    results: Vec<Option<Vec<Scored>>>,
     remaining: usize,
     reply: oneshot::Sender<Result<Vec<Scored>, BatchError>>,
     /// Returned to the queue's token budget when the job is done.
@@ -72,13 +117,15 @@ impl Batcher {
         }
     }
 
-    /// Scores `seqs` (already validated), in order.
-    pub async fn score(&self, seqs: Vec<Sequence>) -> Result<Vec<Scored>, BatchError> {
-        if seqs.is_empty() {
+    /// Scores `rows` (already validated): one result per response, row after row, each
+    /// row's responses in order.
+    pub async fn score(&self, rows: Vec<SharedPrompt>) -> Result<Vec<Scored>, BatchError> {
+        if rows.is_empty() {
             return Ok(vec![]);
         }
-        let tokens: usize = seqs.iter().map(|s| s.ids.len()).sum();
-        // Validation keeps a request below max_tokens_per_request <= max_queued_tokens.
+        let tokens: usize = rows.iter().map(SharedPrompt::row_len).sum();
+        // Validation keeps a request's sequences (which hold at least its row tokens)
+        // below max_tokens_per_request <= max_queued_tokens.
         let tokens = tokens.min(self.max_queued_tokens) as u32;
         let permit = self
             .queued_tokens
@@ -87,8 +134,8 @@ impl Batcher {
             .await
             .map_err(|_| BatchError::ShuttingDown)?;
         let (reply, rx) = oneshot::channel();
-        let n = seqs.len();
-        let job = Job { seqs, results: vec![None; n], remaining: n, reply, _permit: permit };
+        let n = rows.len();
+        let job = Job { rows, results: vec![None; n], remaining: n, reply, _permit: permit };
         self.tx.send(job).map_err(|_| BatchError::ShuttingDown)?;
         rx.await.map_err(|_| BatchError::ShuttingDown)?
     }
@@ -97,7 +144,7 @@ impl Batcher {
 /// How forward passes are formed.
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
-    /// Most padded tokens (sequences × longest sequence) per pass.
+    /// Most padded tokens (rows × longest row) per pass.
     pub budget: usize,
     /// Least fraction of a pass's padded tokens that must be real tokens.
     pub min_fill: f64,
@@ -121,18 +168,19 @@ fn run(model: Arc<Llama>, plan: Plan, mut rx: mpsc::UnboundedReceiver<Job>) {
             continue;
         }
         let batch = plan_batch(&queue, plan);
-        let seqs: Vec<Sequence> = batch.iter().map(|&(j, s)| queue[j].seqs[s].clone()).collect();
+        let rows: Vec<SharedPrompt> =
+            batch.iter().map(|&(j, r)| queue[j].rows[r].clone()).collect();
         let started = std::time::Instant::now();
-        match forward(&model, &seqs) {
+        match forward(&model, &rows) {
             Ok(scores) => {
-                for (&(j, s), score) in batch.iter().zip(scores) {
-                    queue[j].results[s] = Some(score);
+                for (&(j, r), score) in batch.iter().zip(scores) {
+                    queue[j].results[r] = Some(score);
                     queue[j].remaining -= 1;
                 }
             }
             Err(e) => {
-                tracing::error!("forward pass over {} sequences failed: {e}", seqs.len());
-                // Fail every request that had a sequence in this pass.
+                tracing::error!("forward pass over {} rows failed: {e}", rows.len());
+                // Fail every request that had a row in this pass.
                 let mut failed: Vec<usize> = batch.iter().map(|&(j, _)| j).collect();
                 failed.sort_unstable();
                 failed.dedup();
@@ -144,8 +192,9 @@ fn run(model: Arc<Llama>, plan: Plan, mut rx: mpsc::UnboundedReceiver<Job>) {
             }
         }
         tracing::debug!(
-            sequences = seqs.len(),
-            padded_tokens = seqs.len() * seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0),
+            rows = rows.len(),
+            responses = rows.iter().map(|r| r.responses.len()).sum::<usize>(),
+            padded_tokens = rows.len() * rows.iter().map(SharedPrompt::row_len).max().unwrap_or(0),
             ms = started.elapsed().as_millis() as u64,
             "forward pass"
         );
@@ -153,7 +202,7 @@ fn run(model: Arc<Llama>, plan: Plan, mut rx: mpsc::UnboundedReceiver<Job>) {
         while i < queue.len() {
             if queue[i].remaining == 0 {
                 let job = queue.remove(i).expect("index in range");
-                let results = job.results.into_iter().map(|r| r.expect("scored")).collect();
+                let results = job.results.into_iter().flat_map(|r| r.expect("scored")).collect();
                 let _ = job.reply.send(Ok(results));
             } else {
                 i += 1;
@@ -163,18 +212,16 @@ fn run(model: Arc<Llama>, plan: Plan, mut rx: mpsc::UnboundedReceiver<Job>) {
     tracing::debug!("batcher stopped");
 }
 
-/// One padded forward pass; a panic inside candle becomes an error, not a dead batcher.
-fn forward(model: &Llama, seqs: &[Sequence]) -> Result<Vec<Scored>, String> {
-    let out = catch_unwind(AssertUnwindSafe(|| -> dpo_common::Result<Vec<Scored>> {
-        let lp = response_logprobs(model, seqs)?;
-        Ok(lp
-            .per_token_vecs()?
-            .into_iter()
-            .map(|per_token| Scored {
-                logprob: per_token.iter().map(|&x| x as f64).sum(),
-                per_token,
-            })
-            .collect())
+/// One padded forward pass over `rows`: the scores of each row's responses. A panic inside
+/// candle becomes an error, not a dead batcher.
+fn forward(model: &Llama, rows: &[SharedPrompt]) -> Result<Vec<Vec<Scored>>, String> {
+    let out = catch_unwind(AssertUnwindSafe(|| -> dpo_common::Result<Vec<Vec<Scored>>> {
+        let lp = shared_prompt_logprobs(model, rows)?;
+        let mut scores = lp.per_token_vecs()?.into_iter().map(|per_token| Scored {
+            logprob: per_token.iter().map(|&x| x as f64).sum(),
+            per_token,
+        });
+        Ok(rows.iter().map(|r| scores.by_ref().take(r.responses.len()).collect()).collect())
     }));
     match out {
         Ok(r) => r.map_err(|e| e.to_string()),
@@ -186,35 +233,35 @@ fn forward(model: &Llama, seqs: &[Sequence]) -> Result<Vec<Scored>, String> {
     }
 }
 
-/// How many queued sequences (from the oldest requests on) are considered for grouping
+/// How many queued row tokens (from the oldest requests on) are considered for grouping
 /// by length, in multiples of the batch budget.
 const WINDOW_BUDGETS: usize = 4;
 
-/// Picks the sequences of the next forward pass as (job index, sequence index) pairs: the
-/// first unscored sequence of the oldest job, plus its nearest neighbours by length within
-/// the window while the padded size stays within `budget`. Never empty when a job waits.
+/// Picks the rows of the next forward pass as (job index, row index) pairs: the first
+/// unscored row of the oldest job, plus its nearest neighbours by length within the window
+/// while the padded size stays within `budget`. Never empty when a job waits.
 fn plan_batch(queue: &VecDeque<Job>, p: Plan) -> Vec<(usize, usize)> {
     let lens: Vec<Vec<Option<usize>>> = queue
         .iter()
         .map(|j| {
-            j.seqs.iter().zip(&j.results).map(|(s, r)| r.is_none().then_some(s.ids.len())).collect()
+            j.rows.iter().zip(&j.results).map(|(r, s)| s.is_none().then(|| r.row_len())).collect()
         })
         .collect();
     plan(&lens, p)
 }
 
-/// [`plan_batch`] over just the lengths of unscored sequences (`None` = already scored).
+/// [`plan_batch`] over just the lengths of unscored rows (`None` = already scored).
 fn plan(lens: &[Vec<Option<usize>>], p: Plan) -> Vec<(usize, usize)> {
     let budget = p.budget;
-    let mut window: Vec<(usize, usize, usize)> = Vec::new(); // (len, job, seq)
+    let mut window: Vec<(usize, usize, usize)> = Vec::new(); // (len, job, row)
     let mut tokens = 0;
     for (j, job) in lens.iter().enumerate() {
         if j > 0 && tokens >= WINDOW_BUDGETS * budget {
             break;
         }
-        for (s, len) in job.iter().enumerate() {
+        for (r, len) in job.iter().enumerate() {
             if let Some(len) = *len {
-                window.push((len, j, s));
+                window.push((len, j, r));
                 tokens += len;
             }
         }
@@ -240,7 +287,7 @@ fn plan(lens: &[Vec<Option<usize>>], p: Plan) -> Vec<(usize, usize)> {
             break;
         }
     }
-    window[lo..=hi].iter().map(|&(_, j, s)| (j, s)).collect()
+    window[lo..=hi].iter().map(|&(_, j, r)| (j, r)).collect()
 }
 
 #[cfg(test)]
@@ -249,6 +296,92 @@ mod tests {
 
     fn some(v: &[usize]) -> Vec<Option<usize>> {
         v.iter().map(|&x| Some(x)).collect()
+    }
+
+    fn seq(prompt: &[u32], response: &[u32]) -> Sequence {
+        Sequence { ids: [prompt, response].concat(), response_start: prompt.len() }
+    }
+
+    /// The responses of `rows` as separate sequences, in order.
+    fn flatten(rows: &[SharedPrompt]) -> Vec<Sequence> {
+        rows.iter().flat_map(|r| r.responses.iter().map(|x| seq(&r.prompt, x))).collect()
+    }
+
+    #[test]
+    fn a_pair_is_planned_as_one_row() {
+        // prompt 3 + chosen 2 + rejected 3: one row of 8 tokens, where two separate
+        // sequences would pad to 2 × 6 = 12.
+        let seqs = vec![seq(&[1, 2, 3], &[4, 5]), seq(&[1, 2, 3], &[6, 7, 8])];
+        let rows = item_rows(&seqs, &[2], 8192);
+        assert_eq!(
+            rows,
+            vec![SharedPrompt {
+                prompt: vec![1, 2, 3],
+                responses: vec![vec![4, 5], vec![6, 7, 8]]
+            }]
+        );
+        assert_eq!(flatten(&rows), seqs);
+        let lens = vec![some(&[rows[0].row_len()])];
+        assert_eq!(plan(&lens, Plan { budget: 8, min_fill: 0.9 }), vec![(0, 0)]);
+    }
+
+    #[test]
+    fn rows_keep_items_apart_and_fall_back_to_separate_rows() {
+        let seqs = vec![
+            // Item 0: a single response.
+            seq(&[1, 2], &[3]),
+            // Item 1: the same prompt as item 0, but items never share a row.
+            seq(&[1, 2], &[4]),
+            // Item 2: two sides whose prompts differ (a token-level split of a different
+            // prefix): separate rows.
+            seq(&[1, 2], &[5, 6]),
+            seq(&[1, 2, 5], &[7]),
+            // Item 3: three responses, the third would make the row longer than max_row.
+            seq(&[9; 4], &[1; 3]),
+            seq(&[9; 4], &[2; 3]),
+            seq(&[9; 4], &[3; 3]),
+        ];
+        let rows = item_rows(&seqs, &[1, 1, 2, 3], 10);
+        let shape: Vec<(usize, usize)> =
+            rows.iter().map(|r| (r.prompt.len(), r.responses.len())).collect();
+        assert_eq!(shape, vec![(2, 1), (2, 1), (2, 1), (3, 1), (4, 2), (4, 1)]);
+        assert!(rows.iter().all(|r| r.row_len() <= 10));
+        assert_eq!(flatten(&rows), seqs, "responses come back in request order");
+        // A row always takes one response, even beyond max_row.
+        let long = vec![seq(&[1; 8], &[2; 8])];
+        assert_eq!(item_rows(&long, &[1], 10).len(), 1);
+    }
+
+    #[test]
+    fn a_pass_scores_each_response_as_its_own_sequence() {
+        use candle_core::{DType, Device};
+        use dpo_common::logprob::response_logprobs;
+        use dpo_common::model::Mode;
+        use dpo_common::testing::{tiny_config, tiny_weights, TinySpec};
+
+        let cfg = tiny_config(&TinySpec::default());
+        let weights = tiny_weights(&cfg, 3).unwrap();
+        let model =
+            Llama::from_weights(cfg, weights, Mode::Frozen, DType::F32, &Device::Cpu).unwrap();
+        let p: Vec<u32> = (0..9).map(|k| (k * 29 + 5) % 258).collect();
+        let rows = vec![
+            SharedPrompt { prompt: p.clone(), responses: vec![vec![7, 8, 257], vec![9, 257]] },
+            SharedPrompt { prompt: vec![256, 40], responses: vec![vec![41, 42, 43, 44]] },
+            SharedPrompt { prompt: p[..4].to_vec(), responses: vec![vec![1], vec![2, 3], vec![4]] },
+        ];
+        let got: Vec<Scored> = forward(&model, &rows).unwrap().into_iter().flatten().collect();
+        let seqs = flatten(&rows);
+        assert_eq!(got.len(), seqs.len());
+        for (i, (g, s)) in got.iter().zip(&seqs).enumerate() {
+            let want = response_logprobs(&model, std::slice::from_ref(s)).unwrap();
+            let want = &want.per_token_vecs().unwrap()[0];
+            assert_eq!(g.per_token.len(), want.len(), "response {i}");
+            for (a, b) in g.per_token.iter().zip(want) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "response {i}: {a} vs {b}");
+            }
+            let sum: f64 = want.iter().map(|&x| x as f64).sum();
+            assert!((g.logprob - sum).abs() <= 1e-4 * (1.0 + sum.abs()), "response {i}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use dpo_common::tokenizer::LlamaTokenizer;
 use dpo_proto::v1;
 use tokio::sync::mpsc;
 
-use crate::batcher::{BatchError, Batcher, Plan};
+use crate::batcher::{item_rows, BatchError, Batcher, Plan};
 use crate::config::{LimitArgs, Limits};
 use crate::validation::{template_of, Invalid, Validator};
 
@@ -214,7 +214,10 @@ impl Engine {
         })
         .await
         .map_err(|e| Invalid(format!("validation failed unexpectedly: {e}")))??;
-        let scores = self.batcher.score(prepared.seqs).await?;
+        // A pair's prompt is computed once: its two responses share one row.
+        let rows =
+            item_rows(&prepared.seqs, &prepared.responses_per_item, self.limits.batch_token_budget);
+        let scores = self.batcher.score(rows).await?;
         let mut scores = scores.into_iter();
         let items = prepared
             .responses_per_item

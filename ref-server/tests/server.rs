@@ -8,6 +8,7 @@ use dpo_common::logprob::Sequence;
 use dpo_common::template::Template;
 use dpo_proto::client::{ClientOptions, TokenPair};
 use dpo_proto::v1;
+use std::time::Duration;
 use tonic::Code;
 
 fn token_item(prompt: &[u32], responses: &[&[u32]]) -> v1::ScoreItem {
@@ -321,4 +322,82 @@ async fn auth_health_and_graceful_shutdown() {
         .output()
         .unwrap();
     assert!(!down.status.success());
+}
+
+/// A pair item is scored as one row (its prompt computed once); its two scores, per-token
+/// values included, equal the same (prompt, response)s sent as single items, which are
+/// scored as separate sequences, and the in-process scores of those sequences.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pair_items_score_like_single_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let local = load_local(&model);
+    let (server, mut logs) =
+        Server::start_with_logs(&model, &[], &[("RUST_LOG", "warn,ref_server::batcher=debug")]);
+    let client = server.ready_client(&server.options()).await;
+    // Varied prompt and response lengths; each pair's sides differ in length and ids.
+    let pairs: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = (0..6)
+        .map(|i| {
+            let s = seq(i);
+            let rejected = (0..1 + (i * 3) % 9).map(|k| ((i * 7 + k * 23) % 258) as u32).collect();
+            (s.ids[..s.response_start].to_vec(), s.ids[s.response_start..].to_vec(), rejected)
+        })
+        .collect();
+
+    let pair_items =
+        pairs.iter().map(|(p, c, r)| token_item(p, &[c.as_slice(), r.as_slice()])).collect();
+    let paired = client
+        .score(v1::ScoreRequest { items: pair_items, per_token: true, request_id: 1 })
+        .await
+        .unwrap();
+    // The batcher's first pass held whole pairs: two responses per row.
+    let pass = logs.wait_for("forward pass", Duration::from_secs(30)).await;
+    let field = |key: &str| -> usize {
+        let v = pass.split(&format!(" {key}=")).nth(1).unwrap_or_else(|| panic!("{key}: {pass}"));
+        v.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    };
+    assert!(field("rows") >= 1 && field("responses") == 2 * field("rows"), "{pass}");
+
+    let single_items = pairs
+        .iter()
+        .flat_map(|(p, c, r)| [token_item(p, &[c.as_slice()]), token_item(p, &[r.as_slice()])])
+        .collect();
+    let singles = client
+        .score(v1::ScoreRequest { items: single_items, per_token: true, request_id: 2 })
+        .await
+        .unwrap();
+    let seqs: Vec<Sequence> = pairs
+        .iter()
+        .flat_map(|(p, c, r)| {
+            [c, r].map(|x| Sequence { ids: [p.as_slice(), x].concat(), response_start: p.len() })
+        })
+        .collect();
+    let want = local_scores(&local, &seqs);
+
+    assert_eq!(paired.items.len(), pairs.len());
+    for (i, item) in paired.items.iter().enumerate() {
+        assert_eq!(item.responses.len(), 2, "pair {i}");
+        for (j, got) in item.responses.iter().enumerate() {
+            let single = &singles.items[2 * i + j].responses[0];
+            let what = format!("pair {i} response {j}");
+            assert!(
+                close(got.logprob, single.logprob),
+                "{what}: {} vs {}",
+                got.logprob,
+                single.logprob
+            );
+            assert!(
+                close(got.logprob, want[2 * i + j]),
+                "{what}: {} vs {}",
+                got.logprob,
+                want[2 * i + j]
+            );
+            assert_eq!(got.tokens, single.tokens, "{what}");
+            assert_eq!(got.tokens as usize, seqs[2 * i + j].response_len(), "{what}");
+            assert_eq!(got.token_logprobs.len(), single.token_logprobs.len(), "{what}");
+            for (a, b) in got.token_logprobs.iter().zip(&single.token_logprobs) {
+                assert!(close(*a as f64, *b as f64), "{what}: token {a} vs {b}");
+            }
+        }
+    }
 }
