@@ -60,7 +60,8 @@ ours() {
   /usr/bin/time -f '%M' -o "$dir/trainer.rss" \
     "$bin/policy-trainer" train --model "$gguf" --ref-server "http://$addr" --data "$work/pairs.jsonl" \
       --out "$dir/out" --val-size 0 --batch-size "$n" --micro-batch "$micro" --max-steps 1 \
-      --max-length 512 --length-policy drop --lr 1e-6 --no-progress 2>"$dir/trainer.log" >/dev/null
+      --max-length 512 --length-policy drop --lr 1e-6 --no-progress 2>"$dir/trainer.log" >/dev/null \
+    || { echo "the trainer failed (micro-batch $micro):" >&2; tail -n 20 "$dir/trainer.log" >&2; return 1; }
   # $server_pid is /usr/bin/time; the server is its child (time writes the RSS once it exits).
   pkill -TERM -P "$server_pid"; wait "$server_pid" || true; server_pid=""
   python3 - "$dir" "$micro" <<'PY'
