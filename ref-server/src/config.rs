@@ -17,7 +17,7 @@ pub struct LimitArgs {
     /// Largest request message decoded, in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     pub max_message_bytes: usize,
-    /// Padded tokens (sequences × longest sequence) per forward pass.
+    /// Padded tokens (rows × longest row; a pair is one row) per forward pass.
     #[arg(long, default_value_t = 8_192)]
     pub batch_token_budget: usize,
     /// Least fraction of real (non-padding) tokens in a forward pass: sequences of very

@@ -2,8 +2,8 @@
 //!
 //! One concern per module: [`config`] (every limit, validated once), [`validation`]
 //! (turning a request into checked sequences, each failure naming the item and the limit),
-//! [`batcher`] (the thread that owns the model and groups queued sequences into padded
-//! forward passes), [`engine`] (model loading plus validate → batch → answer, shared by the
+//! [`batcher`] (the thread that owns the model and groups queued rows — a prompt with its
+//! responses, so a pair's prompt is computed once — into padded forward passes), [`engine`] (model loading plus validate → batch → answer, shared by the
 //! gRPC service and the local scoring CLI), [`auth`], [`message_limit`] (the request-size
 //! limit reported as `INVALID_ARGUMENT`), [`service`] (the tonic `Reference`
 //! implementation), [`server`] (transport: listen, TLS, health, reflection, shutdown) and
