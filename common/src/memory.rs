@@ -325,21 +325,7 @@ pub fn rss_bytes() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{tiny_config, TinySpec};
-
-    fn llama_8b() -> LlamaConfig {
-        LlamaConfig {
-            vocab_size: 128_256,
-            hidden_size: 4096,
-            intermediate_size: 14_336,
-            num_hidden_layers: 32,
-            num_attention_heads: 32,
-            num_key_value_heads: 8,
-            head_dim: 128,
-            max_position_embeddings: 131_072,
-            ..tiny_config(&TinySpec::default())
-        }
-    }
+    use crate::testing::{llama31_8b_config as llama_8b, tiny_config, TinySpec};
 
     #[test]
     fn eight_b_counts_and_fits_only_with_bf16_and_checkpointing() {

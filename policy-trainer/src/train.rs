@@ -676,7 +676,6 @@ mod tests {
     #[test]
     fn eight_b_fits_an_80_gb_card_with_the_bf16_flags() {
         use clap::Parser;
-        use dpo_common::model::LlamaConfig;
         #[derive(Parser)]
         struct Cli {
             #[command(flatten)]
@@ -687,17 +686,7 @@ mod tests {
             argv.extend(extra);
             Cli::try_parse_from(argv).unwrap().train
         };
-        let cfg = LlamaConfig {
-            vocab_size: 128_256,
-            hidden_size: 4096,
-            intermediate_size: 14_336,
-            num_hidden_layers: 32,
-            num_attention_heads: 32,
-            num_key_value_heads: 8,
-            head_dim: 128,
-            max_position_embeddings: 131_072,
-            ..tiny_config(&TinySpec::default())
-        };
+        let cfg = dpo_common::testing::llama31_8b_config();
         assert_eq!(memory::param_count(&cfg), 8_030_261_248);
         let card = 79u64 << 30;
         let lean_flags = ["--grad-dtype", "bf16", "--optim-state-dtype", "bf16"];

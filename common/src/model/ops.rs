@@ -518,11 +518,11 @@ pub fn is_tracked(t: &Tensor) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
+    pub(crate) fn randn(shape: &[usize], seed: u64) -> Tensor {
         // Deterministic pseudo-random values without a global RNG.
         let n: usize = shape.iter().product();
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
