@@ -248,6 +248,10 @@ pub fn shared_prompt_logprobs(model: &Llama, groups: &[SharedPrompt]) -> Result<
 }
 
 fn batch_logprobs(model: &Llama, batch: ResponseBatch) -> Result<ResponseLogProbs> {
+    ops::on_compute_pool(|| batch_logprobs_here(model, batch))
+}
+
+fn batch_logprobs_here(model: &Llama, batch: ResponseBatch) -> Result<ResponseLogProbs> {
     let (b, t) = batch.ids.dims2()?;
     let hidden = model
         .hidden_states_with_layout(&batch.ids, batch.layout.as_ref())?

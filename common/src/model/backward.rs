@@ -75,6 +75,10 @@ pub fn forward_shared(
 }
 
 fn forward(model: &Llama, batch: ResponseBatch, checkpoint: bool) -> Result<TrainingPass> {
+    ops::on_compute_pool(|| forward_here(model, batch, checkpoint))
+}
+
+fn forward_here(model: &Llama, batch: ResponseBatch, checkpoint: bool) -> Result<TrainingPass> {
     // Weights as plain tensors: nothing here may build an autograd graph (it would keep
     // every intermediate alive).
     let model = model.frozen_view()?;
@@ -151,6 +155,10 @@ impl ParamIndex {
 /// rounding, see [`accumulate`]). The pass is consumed: its activations are freed layer by
 /// layer as the backward goes.
 pub fn backward(pass: TrainingPass, dsums: &[f32], grads: &mut [Tensor]) -> Result<()> {
+    ops::on_compute_pool(|| backward_here(pass, dsums, grads))
+}
+
+fn backward_here(pass: TrainingPass, dsums: &[f32], grads: &mut [Tensor]) -> Result<()> {
     let TrainingPass { model, ctx, ids, layers, last, hidden, logits, batch, .. } = pass;
     let params = model.params();
     if grads.len() != params.len() {

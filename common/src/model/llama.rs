@@ -342,12 +342,14 @@ impl Llama {
         ids: &Tensor,
         layout: Option<&TokenLayout>,
     ) -> Result<Tensor> {
-        let (mut x, ctx) = self.embed_with_layout(ids, layout)?;
-        for i in 0..self.layers.len() {
-            x = self.forward_layer(i, &x, &ctx)?;
-        }
-        let x = self.final_norm(&x)?;
-        Ok(x.reshape((ctx.b, ctx.t, self.cfg.hidden_size))?)
+        ops::on_compute_pool(|| {
+            let (mut x, ctx) = self.embed_with_layout(ids, layout)?;
+            for i in 0..self.layers.len() {
+                x = self.forward_layer(i, &x, &ctx)?;
+            }
+            let x = self.final_norm(&x)?;
+            Ok(x.reshape((ctx.b, ctx.t, self.cfg.hidden_size))?)
+        })
     }
 
     /// The first step of [`hidden_states`](Self::hidden_states), public so that callers can
@@ -539,6 +541,16 @@ impl Llama {
     /// padded on either side. Every query row must be allowed at least one key (a pad may
     /// attend to itself), or softmax yields NaN. Returns final-norm hidden states `[B, T, H]`.
     pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        ops::on_compute_pool(|| self.forward_cached_here(ids, positions, mask, cache))
+    }
+
+    fn forward_cached_here(
         &self,
         ids: &Tensor,
         positions: &Tensor,
