@@ -11,7 +11,11 @@ use candle_core::{DType, Device};
 use dpo_common::data::hh::read_hh_file;
 use dpo_common::logprob::{response_logprobs, shared_prompt_logprobs, Sequence, SharedPrompt};
 use dpo_common::model::backward::{backward, forward_sequences, forward_shared, zero_grads};
+use dpo_common::model::backward::{
+    backward_after_prefix, forward_prefix, forward_shared_after, prefix_backward,
+};
 use dpo_common::model::{load_model, Mode};
+use dpo_common::prefix::{PrefixCache, DEFAULT_MIN_PREFIX_TOKENS};
 use dpo_common::template::Template;
 use serde_json::json;
 
@@ -81,6 +85,31 @@ fn main() -> BoxResult<()> {
     }
     report("score_forward_pair_shared", t.elapsed().as_secs_f64());
 
+    // The server's path: the prompt template's preamble found across requests and computed
+    // once (a fresh cache: finding it is part of the time).
+    let prefix_report = |measure: &str, secs: f64, cache: &PrefixCache| {
+        report(measure, secs);
+        eprintln!(
+            "  {measure}: cached prefixes {:?} tokens, {:?}",
+            cache.prefix_lens(),
+            cache.stats()
+        );
+    };
+    let mut cache = PrefixCache::new(DEFAULT_MIN_PREFIX_TOKENS);
+    let t = Instant::now();
+    for ex in &examples {
+        for s in ex {
+            cache.score(&reference.model, &[SharedPrompt::from(s)])?;
+        }
+    }
+    prefix_report("score_forward_bs1_prefix_cache", t.elapsed().as_secs_f64(), &cache);
+    let mut cache = PrefixCache::new(DEFAULT_MIN_PREFIX_TOKENS);
+    let t = Instant::now();
+    for g in &shared {
+        cache.score(&reference.model, std::slice::from_ref(g))?;
+    }
+    prefix_report("score_forward_pair_shared_prefix_cache", t.elapsed().as_secs_f64(), &cache);
+
     let policy = load_model(model_path.as_ref(), Mode::Trainable, DType::F32, &Device::Cpu)?;
     if std::env::var_os("BENCH_AUTOGRAD").is_some() {
         let t = Instant::now();
@@ -121,5 +150,33 @@ fn main() -> BoxResult<()> {
         backward(pass, &[1.0, -1.0], &mut grads)?;
     }
     report("dpo_pass_pair_shared", t.elapsed().as_secs_f64());
+
+    // The same with the prompts' common prefix (the template's preamble) through the
+    // policy once for the whole accumulation, as the trainer does per optimizer step, and
+    // the reference scored by the server's prefix cache.
+    let common = shared.iter().fold(shared[0].prompt.len() - 1, |n, g| {
+        n.min(g.prompt.iter().zip(&shared[0].prompt).take_while(|(a, b)| a == b).count())
+            .min(g.prompt.len() - 1)
+    });
+    eprintln!("  common prompt prefix: {common} tokens");
+    let t = Instant::now();
+    let mut prefix = forward_prefix(&policy.model, &shared[0].prompt[..common])?;
+    for g in &shared {
+        let pass = forward_shared_after(&policy.model, std::slice::from_ref(g), &prefix, false)?;
+        backward_after_prefix(pass, &[1.0, -1.0], &mut grads, &mut prefix)?;
+    }
+    prefix_backward(prefix, &mut grads)?;
+    report("policy_forward_backward_pair_shared_prefix", t.elapsed().as_secs_f64());
+
+    let mut cache = PrefixCache::new(DEFAULT_MIN_PREFIX_TOKENS);
+    let t = Instant::now();
+    let mut prefix = forward_prefix(&policy.model, &shared[0].prompt[..common])?;
+    for g in &shared {
+        let _ref = cache.score(&reference.model, std::slice::from_ref(g))?.sums_vec()?;
+        let pass = forward_shared_after(&policy.model, std::slice::from_ref(g), &prefix, false)?;
+        backward_after_prefix(pass, &[1.0, -1.0], &mut grads, &mut prefix)?;
+    }
+    prefix_backward(prefix, &mut grads)?;
+    report("dpo_pass_pair_shared_prefix", t.elapsed().as_secs_f64());
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod logprob;
 pub mod memory;
 pub mod model;
+pub mod prefix;
 pub mod sround;
 pub mod template;
 #[doc(hidden)]

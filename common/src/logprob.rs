@@ -9,7 +9,7 @@
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::model::{ops, Llama, TokenLayout};
+use crate::model::{ops, Llama, PrefixKv, TokenLayout};
 
 /// A tokenized (prompt, response) sequence.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -165,7 +165,7 @@ pub(crate) fn response_batch(model: &Llama, seqs: &[Sequence]) -> Result<Respons
             .map_err(|e| Error::Input(format!("sequence {i}: {e}")))?;
     }
     let groups: Vec<SharedPrompt> = seqs.iter().map(SharedPrompt::from).collect();
-    layout_batch(model, &groups)
+    layout_batch(model, &groups, 0)
 }
 
 /// Validates `groups` against the model and lays them out as a [`ResponseBatch`], one
@@ -179,14 +179,20 @@ pub(crate) fn shared_prompt_batch(model: &Llama, groups: &[SharedPrompt]) -> Res
         g.validate(cfg.vocab_size, cfg.max_position_embeddings)
             .map_err(|e| Error::Input(format!("prompt {i}: {e}")))?;
     }
-    layout_batch(model, groups)
+    layout_batch(model, groups, 0)
 }
 
-fn layout_batch(model: &Llama, groups: &[SharedPrompt]) -> Result<ResponseBatch> {
+/// Lays `groups` out with the first `prefix_len` tokens of every prompt left out (they are
+/// a precomputed prefix's): positions still count them.
+fn layout_batch(
+    model: &Llama,
+    groups: &[SharedPrompt],
+    prefix_len: usize,
+) -> Result<ResponseBatch> {
     let device = model.device();
     let b = groups.len();
-    let t = groups.iter().map(SharedPrompt::row_len).max().unwrap_or(0);
-    let branched = groups.iter().any(|g| g.responses.len() > 1);
+    let t = groups.iter().map(|g| g.row_len() - prefix_len).max().unwrap_or(0);
+    let branched = prefix_len > 0 || groups.iter().any(|g| g.responses.len() > 1);
     let mut ids = vec![0u32; b * t];
     // Pads sit in a branch of their own, at position 0: never attended to by real tokens.
     let mut layout = TokenLayout { positions: vec![0; b * t], branches: vec![u32::MAX; b * t] };
@@ -196,12 +202,13 @@ fn layout_batch(model: &Llama, groups: &[SharedPrompt]) -> Result<ResponseBatch>
     for (i, g) in groups.iter().enumerate() {
         let base = i * t;
         let p = g.prompt.len();
-        ids[base..base + p].copy_from_slice(&g.prompt);
-        for k in 0..p {
-            layout.positions[base + k] = k as u32;
+        let rest = &g.prompt[prefix_len..];
+        ids[base..base + rest.len()].copy_from_slice(rest);
+        for k in 0..rest.len() {
+            layout.positions[base + k] = (prefix_len + k) as u32;
             layout.branches[base + k] = 0;
         }
-        let mut start = base + p;
+        let mut start = base + rest.len();
         for (j, r) in g.responses.iter().enumerate() {
             ids[start..start + r.len()].copy_from_slice(r);
             for (k, &tok) in r.iter().enumerate() {
@@ -209,7 +216,7 @@ fn layout_batch(model: &Llama, groups: &[SharedPrompt]) -> Result<ResponseBatch>
                 layout.branches[start + k] = j as u32 + 1;
                 // The first response token is predicted by the prompt's last token; the
                 // others by the response token before them.
-                let from = if k == 0 { base + p - 1 } else { start + k - 1 };
+                let from = if k == 0 { base + rest.len() - 1 } else { start + k - 1 };
                 rows.push(from as u32);
                 targets.push(tok);
             }
@@ -247,14 +254,56 @@ pub fn shared_prompt_logprobs(model: &Llama, groups: &[SharedPrompt]) -> Result<
     batch_logprobs(model, shared_prompt_batch(model, groups)?)
 }
 
-fn batch_logprobs(model: &Llama, batch: ResponseBatch) -> Result<ResponseLogProbs> {
-    ops::on_compute_pool(|| batch_logprobs_here(model, batch))
+/// [`shared_prompt_logprobs`] for prompts that all start with `prefix`, whose keys and
+/// values are taken as computed instead of being recomputed for every row. Each prompt
+/// must have at least one token after the prefix (the one that predicts the first response
+/// token).
+pub fn prefixed_logprobs(
+    model: &Llama,
+    groups: &[SharedPrompt],
+    prefix: &PrefixKv,
+) -> Result<ResponseLogProbs> {
+    let batch = prefixed_batch(model, groups, prefix)?;
+    ops::on_compute_pool(|| batch_logprobs_here(model, batch, Some(prefix)))
 }
 
-fn batch_logprobs_here(model: &Llama, batch: ResponseBatch) -> Result<ResponseLogProbs> {
+/// Validates `groups` against the model and `prefix` and lays out what follows the prefix
+/// as a [`ResponseBatch`].
+pub(crate) fn prefixed_batch(
+    model: &Llama,
+    groups: &[SharedPrompt],
+    prefix: &PrefixKv,
+) -> Result<ResponseBatch> {
+    if groups.is_empty() {
+        return Err(Error::Input("empty batch".into()));
+    }
+    let cfg = model.config();
+    for (i, g) in groups.iter().enumerate() {
+        g.validate(cfg.vocab_size, cfg.max_position_embeddings)
+            .map_err(|e| Error::Input(format!("prompt {i}: {e}")))?;
+        if !g.prompt.starts_with(prefix.ids()) || g.prompt.len() <= prefix.len() {
+            return Err(Error::Input(format!(
+                "prompt {i} ({} tokens) does not extend the {}-token prefix",
+                g.prompt.len(),
+                prefix.len()
+            )));
+        }
+    }
+    layout_batch(model, groups, prefix.len())
+}
+
+fn batch_logprobs(model: &Llama, batch: ResponseBatch) -> Result<ResponseLogProbs> {
+    ops::on_compute_pool(|| batch_logprobs_here(model, batch, None))
+}
+
+fn batch_logprobs_here(
+    model: &Llama,
+    batch: ResponseBatch,
+    prefix: Option<&PrefixKv>,
+) -> Result<ResponseLogProbs> {
     let (b, t) = batch.ids.dims2()?;
     let hidden = model
-        .hidden_states_with_layout(&batch.ids, batch.layout.as_ref())?
+        .hidden_states_after_prefix(&batch.ids, batch.layout.as_ref(), prefix)?
         .reshape((b * t, model.config().hidden_size))?;
     let hidden = hidden.index_select(&batch.rows, 0)?;
     let logits = model.logits(&hidden)?; // [N, V]

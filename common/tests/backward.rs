@@ -8,10 +8,23 @@
 use candle_core::{DType, Device, Tensor};
 use dpo_common::logprob::{response_logprobs, shared_prompt_logprobs, Sequence, SharedPrompt};
 use dpo_common::model::backward::{backward, forward_sequences, forward_shared, zero_grads};
+use dpo_common::model::backward::{
+    backward_after_prefix, forward_prefix, forward_shared_after, prefix_backward,
+};
 use dpo_common::model::{Llama, Mode};
+use dpo_common::template::Template;
 use dpo_common::testing::{tiny_config, tiny_tokenizer, tiny_weights, TinySpec};
 
 fn pairs() -> Vec<SharedPrompt> {
+    pairs_formatted(|p| p.to_string())
+}
+
+/// The pairs in the Alpaca template: every prompt starts with its preamble.
+fn alpaca_pairs() -> Vec<SharedPrompt> {
+    pairs_formatted(|p| Template::Alpaca.format_prompt(p))
+}
+
+fn pairs_formatted(format: impl Fn(&str) -> String) -> Vec<SharedPrompt> {
     let tok = tiny_tokenizer();
     [
         ("What is 2+2?", "4", "Five, I think."),
@@ -20,8 +33,9 @@ fn pairs() -> Vec<SharedPrompt> {
     ]
     .iter()
     .map(|(p, c, r)| {
-        let c = tok.encode_prompt_response(p, c).unwrap();
-        let r = tok.encode_prompt_response(p, r).unwrap();
+        let p = format(p);
+        let c = tok.encode_prompt_response(&p, c).unwrap();
+        let r = tok.encode_prompt_response(&p, r).unwrap();
         assert_eq!(c.ids[..c.response_start], r.ids[..r.response_start]);
         SharedPrompt {
             prompt: c.ids[..c.response_start].to_vec(),
@@ -133,6 +147,50 @@ fn shared_prompts_give_the_gradients_of_separate_sequences() {
 fn checkpointing_changes_nothing() {
     check(TinySpec::default(), DType::F64, true, true, 1e-10);
     check(TinySpec::default(), DType::F32, false, true, 2e-5);
+}
+
+/// The trainer's prefix path: the preamble once per step, each pair its own pass after it,
+/// the prefix's backward last. Same log-probs and gradients as whole rows in one pass.
+fn check_prefix(dtype: DType, checkpoint: bool, tol: f64) {
+    let m = model(&TinySpec::default(), Mode::Frozen, dtype);
+    let groups = alpaca_pairs();
+    let w = dsums(2 * groups.len());
+    let whole = forward_shared(&m, &groups, false).unwrap();
+    let expected = whole.logprobs.sums_vec().unwrap();
+    let mut reference = zero_grads(&m).unwrap();
+    backward(whole, &w, &mut reference).unwrap();
+
+    let common = groups[0].prompt.iter().zip(&groups[1].prompt).take_while(|(a, b)| a == b).count();
+    let mut prefix = forward_prefix(&m, &groups[0].prompt[..common]).unwrap();
+    let mut grads = zero_grads(&m).unwrap();
+    let mut got = Vec::new();
+    for (g, w) in groups.iter().zip(w.chunks(2)) {
+        let pass = forward_shared_after(&m, std::slice::from_ref(g), &prefix, checkpoint).unwrap();
+        got.extend(pass.logprobs.sums_vec().unwrap());
+        // A pass after a prefix is not differentiated as if it had none.
+        assert!(backward(
+            forward_shared_after(&m, std::slice::from_ref(g), &prefix, false).unwrap(),
+            w,
+            &mut zero_grads(&m).unwrap()
+        )
+        .is_err());
+        backward_after_prefix(pass, w, &mut grads, &mut prefix).unwrap();
+    }
+    prefix_backward(prefix, &mut grads).unwrap();
+    for (a, b) in got.iter().zip(&expected) {
+        assert!((a - b).abs() < tol.max(1e-12) * 100.0, "log-prob {a} vs {b}");
+    }
+    for ((name, _), (g, r)) in m.params().iter().zip(grads.iter().zip(&reference)) {
+        let e = rel_err(g, r);
+        assert!(e < tol, "{name}: relative error {e:e} ({dtype:?}, checkpoint {checkpoint})");
+    }
+}
+
+#[test]
+fn a_shared_prefix_computed_once_gives_the_same_gradients() {
+    check_prefix(DType::F64, false, 1e-10);
+    check_prefix(DType::F64, true, 1e-10);
+    check_prefix(DType::F32, false, 2e-5);
 }
 
 #[test]

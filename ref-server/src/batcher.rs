@@ -18,6 +18,10 @@
 //! Memory is bounded: a request first takes its row tokens from a semaphore of
 //! `max_queued_tokens`, and waits there while the queue is full.
 //!
+//! A prompt prefix that requests share (the prompt template's preamble) is found and
+//! computed once by a [`PrefixCache`], and passes whose rows all start with it start from
+//! its keys and values.
+//!
 //! Results come back one per response, in request order, exactly as if every response had
 //! been scored as its own `prompt ++ response` sequence (the numbers equal up to float
 //! rounding).
@@ -26,8 +30,9 @@ use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use dpo_common::logprob::{shared_prompt_logprobs, Sequence, SharedPrompt};
+use dpo_common::logprob::{Sequence, SharedPrompt};
 use dpo_common::model::Llama;
+use dpo_common::prefix::PrefixCache;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 /// The score of one response.
@@ -148,10 +153,14 @@ pub struct Plan {
     pub budget: usize,
     /// Least fraction of a pass's padded tokens that must be real tokens.
     pub min_fill: f64,
+    /// Shortest shared prompt prefix worth caching; 0: no prefix cache.
+    pub prefix_min_tokens: usize,
 }
 
 fn run(model: Arc<Llama>, plan: Plan, mut rx: mpsc::UnboundedReceiver<Job>) {
     let mut queue: VecDeque<Job> = VecDeque::new();
+    let mut prefixes =
+        (plan.prefix_min_tokens > 0).then(|| PrefixCache::new(plan.prefix_min_tokens));
     loop {
         if queue.is_empty() {
             match rx.blocking_recv() {
@@ -171,7 +180,8 @@ fn run(model: Arc<Llama>, plan: Plan, mut rx: mpsc::UnboundedReceiver<Job>) {
         let rows: Vec<SharedPrompt> =
             batch.iter().map(|&(j, r)| queue[j].rows[r].clone()).collect();
         let started = std::time::Instant::now();
-        match forward(&model, &rows) {
+        let computed_before = prefixes.as_ref().map(|c| c.stats().prefixes_computed);
+        match forward(&model, prefixes.as_mut(), &rows) {
             Ok(scores) => {
                 for (&(j, r), score) in batch.iter().zip(scores) {
                     queue[j].results[r] = Some(score);
@@ -190,6 +200,14 @@ fn run(model: Arc<Llama>, plan: Plan, mut rx: mpsc::UnboundedReceiver<Job>) {
                     }
                 }
             }
+        }
+        if let Some(c) =
+            prefixes.as_ref().filter(|c| Some(c.stats().prefixes_computed) != computed_before)
+        {
+            tracing::info!(
+                "prefix cache: a {}-token prompt prefix shared by requests is now computed once",
+                c.prefix_lens()[0]
+            );
         }
         tracing::debug!(
             rows = rows.len(),
@@ -212,11 +230,19 @@ fn run(model: Arc<Llama>, plan: Plan, mut rx: mpsc::UnboundedReceiver<Job>) {
     tracing::debug!("batcher stopped");
 }
 
-/// One padded forward pass over `rows`: the scores of each row's responses. A panic inside
-/// candle becomes an error, not a dead batcher.
-fn forward(model: &Llama, rows: &[SharedPrompt]) -> Result<Vec<Vec<Scored>>, String> {
+/// One padded forward pass over `rows` (from a cached prefix when `prefixes` has one they
+/// share): the scores of each row's responses. A panic inside candle becomes an error, not
+/// a dead batcher.
+fn forward(
+    model: &Llama,
+    prefixes: Option<&mut PrefixCache>,
+    rows: &[SharedPrompt],
+) -> Result<Vec<Vec<Scored>>, String> {
     let out = catch_unwind(AssertUnwindSafe(|| -> dpo_common::Result<Vec<Vec<Scored>>> {
-        let lp = shared_prompt_logprobs(model, rows)?;
+        let lp = match prefixes {
+            Some(cache) => cache.score(model, rows)?,
+            None => dpo_common::logprob::shared_prompt_logprobs(model, rows)?,
+        };
         let mut scores = lp.per_token_vecs()?.into_iter().map(|per_token| Scored {
             logprob: per_token.iter().map(|&x| x as f64).sum(),
             per_token,
@@ -322,7 +348,10 @@ mod tests {
         );
         assert_eq!(flatten(&rows), seqs);
         let lens = vec![some(&[rows[0].row_len()])];
-        assert_eq!(plan(&lens, Plan { budget: 8, min_fill: 0.9 }), vec![(0, 0)]);
+        assert_eq!(
+            plan(&lens, Plan { budget: 8, min_fill: 0.9, prefix_min_tokens: 0 }),
+            vec![(0, 0)]
+        );
     }
 
     #[test]
@@ -369,26 +398,39 @@ mod tests {
             SharedPrompt { prompt: vec![256, 40], responses: vec![vec![41, 42, 43, 44]] },
             SharedPrompt { prompt: p[..4].to_vec(), responses: vec![vec![1], vec![2, 3], vec![4]] },
         ];
-        let got: Vec<Scored> = forward(&model, &rows).unwrap().into_iter().flatten().collect();
-        let seqs = flatten(&rows);
-        assert_eq!(got.len(), seqs.len());
-        for (i, (g, s)) in got.iter().zip(&seqs).enumerate() {
-            let want = response_logprobs(&model, std::slice::from_ref(s)).unwrap();
-            let want = &want.per_token_vecs().unwrap()[0];
-            assert_eq!(g.per_token.len(), want.len(), "response {i}");
-            for (a, b) in g.per_token.iter().zip(want) {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "response {i}: {a} vs {b}");
+        let check = |rows: &[SharedPrompt], prefixes: Option<&mut PrefixCache>| {
+            let got: Vec<Scored> =
+                forward(&model, prefixes, rows).unwrap().into_iter().flatten().collect();
+            let seqs = flatten(rows);
+            assert_eq!(got.len(), seqs.len());
+            for (i, (g, s)) in got.iter().zip(&seqs).enumerate() {
+                let want = response_logprobs(&model, std::slice::from_ref(s)).unwrap();
+                let want = &want.per_token_vecs().unwrap()[0];
+                assert_eq!(g.per_token.len(), want.len(), "response {i}");
+                for (a, b) in g.per_token.iter().zip(want) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "response {i}: {a} vs {b}");
+                }
+                let sum: f64 = want.iter().map(|&x| x as f64).sum();
+                assert!((g.logprob - sum).abs() <= 1e-4 * (1.0 + sum.abs()), "response {i}");
             }
-            let sum: f64 = want.iter().map(|&x| x as f64).sum();
-            assert!((g.logprob - sum).abs() <= 1e-4 * (1.0 + sum.abs()), "response {i}");
+        };
+        check(&rows, None);
+        // Rows 0 and 2 share a 4-token prefix: from the second pass on, it is cached.
+        let mut cache = PrefixCache::new(2);
+        let sharing = [rows[0].clone(), rows[2].clone()];
+        for _ in 0..3 {
+            check(&sharing, Some(&mut cache));
         }
+        check(&rows, Some(&mut cache));
+        let stats = cache.stats();
+        assert_eq!((stats.hits, stats.prefixes_computed), (2, 1), "{stats:?}");
     }
 
     #[test]
     fn oldest_request_always_progresses_within_budget() {
         // A big old request and a small new one: the old one's first sequence leads.
         let lens = vec![some(&[50; 40]), some(&[10])];
-        let b = plan(&lens, Plan { budget: 200, min_fill: 0.0 });
+        let b = plan(&lens, Plan { budget: 200, min_fill: 0.0, prefix_min_tokens: 0 });
         assert!(b.contains(&(0, 0)));
         assert!(b.len() * 50 <= 200);
     }
@@ -396,7 +438,7 @@ mod tests {
     #[test]
     fn groups_similar_lengths() {
         let lens = vec![some(&[10, 100, 11]), some(&[12, 99])];
-        let b = plan(&lens, Plan { budget: 40, min_fill: 0.0 });
+        let b = plan(&lens, Plan { budget: 40, min_fill: 0.0, prefix_min_tokens: 0 });
         let mut got: Vec<_> = b.iter().map(|&(j, s)| lens[j][s].unwrap()).collect();
         got.sort();
         assert_eq!(got, vec![10, 11, 12]);
@@ -405,7 +447,7 @@ mod tests {
     #[test]
     fn min_fill_keeps_padding_down() {
         let lens = vec![some(&[100, 10, 95, 12])];
-        let b = plan(&lens, Plan { budget: 1000, min_fill: 0.9 });
+        let b = plan(&lens, Plan { budget: 1000, min_fill: 0.9, prefix_min_tokens: 0 });
         let mut got: Vec<_> = b.iter().map(|&(j, s)| lens[j][s].unwrap()).collect();
         got.sort();
         assert_eq!(got, vec![95, 100]);
@@ -414,7 +456,10 @@ mod tests {
     #[test]
     fn an_oversized_sequence_still_runs_alone() {
         let lens = vec![vec![None, Some(500)], some(&[3, 3])];
-        assert_eq!(plan(&lens, Plan { budget: 100, min_fill: 0.0 }), vec![(0, 1)]);
+        assert_eq!(
+            plan(&lens, Plan { budget: 100, min_fill: 0.0, prefix_min_tokens: 0 }),
+            vec![(0, 1)]
+        );
     }
 
     #[test]
@@ -422,7 +467,7 @@ mod tests {
         let mut lens = vec![some(&[7, 30, 2, 2, 64]), some(&[5; 9]), some(&[64, 1])];
         let mut passes = 0;
         while lens.iter().any(|j| j.iter().any(Option::is_some)) {
-            let b = plan(&lens, Plan { budget: 64, min_fill: 0.8 });
+            let b = plan(&lens, Plan { budget: 64, min_fill: 0.8, prefix_min_tokens: 0 });
             assert!(!b.is_empty());
             for (j, s) in b {
                 assert!(lens[j][s].take().is_some(), "scheduled twice");

@@ -25,6 +25,10 @@ pub struct LimitArgs {
     /// on a GPU for larger batches.
     #[arg(long, default_value_t = 0.9)]
     pub min_batch_fill: f64,
+    /// Prompt prefixes at least this long that requests share (a prompt template's
+    /// preamble) are computed once and reused by later passes; 0 turns the cache off.
+    #[arg(long, default_value_t = dpo_common::prefix::DEFAULT_MIN_PREFIX_TOKENS)]
+    pub prefix_cache_min_tokens: usize,
     /// Most tokens waiting to be scored across all requests; further requests wait for
     /// room (bounds memory under load) [default: 4 × --max-tokens-per-request].
     #[arg(long)]
@@ -40,6 +44,8 @@ pub struct Limits {
     pub max_message_bytes: usize,
     pub batch_token_budget: usize,
     pub min_batch_fill: f64,
+    /// 0: no prefix cache.
+    pub prefix_cache_min_tokens: usize,
     pub max_queued_tokens: usize,
 }
 
@@ -53,6 +59,7 @@ impl LimitArgs {
             max_message_bytes: 64 << 20,
             batch_token_budget: 8_192,
             min_batch_fill: 0.9,
+            prefix_cache_min_tokens: dpo_common::prefix::DEFAULT_MIN_PREFIX_TOKENS,
             max_queued_tokens: None,
         }
     }
@@ -69,6 +76,7 @@ impl LimitArgs {
             max_message_bytes: self.max_message_bytes,
             batch_token_budget: self.batch_token_budget,
             min_batch_fill: self.min_batch_fill,
+            prefix_cache_min_tokens: self.prefix_cache_min_tokens,
             max_queued_tokens: self
                 .max_queued_tokens
                 .unwrap_or(self.max_tokens_per_request.saturating_mul(4)),

@@ -92,7 +92,11 @@ impl Engine {
             "model loaded in {:.1}s",
             started.elapsed().as_secs_f64()
         );
-        let plan = Plan { budget: limits.batch_token_budget, min_fill: limits.min_batch_fill };
+        let plan = Plan {
+            budget: limits.batch_token_budget,
+            min_fill: limits.min_batch_fill,
+            prefix_min_tokens: limits.prefix_cache_min_tokens,
+        };
         let model = Arc::new(loaded.model);
         let batcher = Batcher::spawn(Arc::clone(&model), plan, limits.max_queued_tokens);
         Ok(Engine {

@@ -186,6 +186,7 @@ mod tests {
             max_message_bytes: 1 << 20,
             batch_token_budget: 64,
             min_batch_fill: 0.9,
+            prefix_cache_min_tokens: 8,
             max_queued_tokens: 1000,
         }
     }

@@ -36,9 +36,13 @@ rows = [
     ("forward, batch 1 (tokens/s)", ours["score_forward_bs1"]["tokens_per_s"], t_fwd),
     ("forward, chosen+rejected padded (tokens/s)", ours["score_forward_pair_batch"]["tokens_per_s"], t_fwd),
     ("forward, chosen+rejected shared prompt (tokens/s)", ours["score_forward_pair_shared"]["tokens_per_s"], t_fwd),
+    ("forward, batch 1, prefix cache (tokens/s)", ours["score_forward_bs1_prefix_cache"]["tokens_per_s"], t_fwd),
+    ("forward, shared prompt + prefix cache (tokens/s)", ours["score_forward_pair_shared_prefix_cache"]["tokens_per_s"], t_fwd),
     ("policy forward+backward, batch 1 (tokens/s)", ours["policy_forward_backward_bs1"]["tokens_per_s"], round(t_fb, 1)),
     ("policy fwd+bwd, shared prompt (tokens/s)", ours["policy_forward_backward_pair_shared"]["tokens_per_s"], round(t_fb, 1)),
+    ("policy fwd+bwd, shared prompt + prefix (tokens/s)", ours["policy_forward_backward_pair_shared_prefix"]["tokens_per_s"], round(t_fb, 1)),
     ("DPO pass: ref fwd + policy fwd+bwd (examples/s)", ours["dpo_pass_pair_shared"]["examples_per_s"], t_dpo["examples_per_s"]),
+    ("DPO pass, shared prompt + prefix (examples/s)", ours["dpo_pass_pair_shared_prefix"]["examples_per_s"], t_dpo["examples_per_s"]),
 ]
 print(f"\n{ours['score_forward_bs1']['examples']} HH pairs, {ours['score_forward_bs1']['tokens']} tokens")
 print(f"| {'measure':<50} | {'ours':>9} | {'PyTorch':>9} | {'ratio':>6} |")

@@ -13,6 +13,14 @@
 //! recomputed just before its backward: activation memory drops from all layers' to one
 //! layer's, for one more forward of compute.
 //!
+//! A prompt prefix that every pass of an optimizer step shares (the template's preamble)
+//! can go through the model once per step ([`forward_prefix`]): passes over the rest of the
+//! prompts attend to its keys and values ([`forward_shared_after`]), their backward sums
+//! the gradients that reach those keys and values into the [`PrefixPass`]
+//! ([`backward_after_prefix`]), and [`prefix_backward`] carries the sum back into the
+//! weights once, after the step's last pass. Gradients are linear in those sums, so this is
+//! exact.
+//!
 //! The autograd path (`Mode::Trainable` + `Tensor::backward`) stays as the reference this
 //! is tested against (`tests/backward.rs`).
 
@@ -22,9 +30,10 @@ use candle_core::{DType, Tensor};
 
 use super::grad_ops::{self, accumulate};
 use super::llama::{LayerActivations, LayerContext};
-use super::{ops, Llama};
+use super::{ops, Llama, PrefixKv};
 use crate::error::{Error, Result};
-use crate::logprob::{response_batch, shared_prompt_batch, ResponseBatch, ResponseLogProbs};
+use crate::logprob::{prefixed_batch, response_batch, shared_prompt_batch};
+use crate::logprob::{ResponseBatch, ResponseLogProbs};
 use crate::logprob::{Sequence, SharedPrompt};
 
 /// What a layer kept for its backward.
@@ -60,7 +69,7 @@ pub fn forward_sequences(
     seqs: &[Sequence],
     checkpoint: bool,
 ) -> Result<TrainingPass> {
-    forward(model, response_batch(model, seqs)?, checkpoint)
+    forward(model, response_batch(model, seqs)?, None, checkpoint)
 }
 
 /// Forward pass over `groups` (a prompt and its responses per row, the prompt computed
@@ -71,18 +80,40 @@ pub fn forward_shared(
     groups: &[SharedPrompt],
     checkpoint: bool,
 ) -> Result<TrainingPass> {
-    forward(model, shared_prompt_batch(model, groups)?, checkpoint)
+    forward(model, shared_prompt_batch(model, groups)?, None, checkpoint)
 }
 
-fn forward(model: &Llama, batch: ResponseBatch, checkpoint: bool) -> Result<TrainingPass> {
-    ops::on_compute_pool(|| forward_here(model, batch, checkpoint))
+/// [`forward_shared`] for prompts that all extend `prefix`'s tokens: only the tokens after
+/// the prefix are computed. Differentiate the pass with [`backward_after_prefix`].
+pub fn forward_shared_after(
+    model: &Llama,
+    groups: &[SharedPrompt],
+    prefix: &PrefixPass,
+    checkpoint: bool,
+) -> Result<TrainingPass> {
+    let batch = prefixed_batch(model, groups, &prefix.kv)?;
+    forward(model, batch, Some(&prefix.kv), checkpoint)
 }
 
-fn forward_here(model: &Llama, batch: ResponseBatch, checkpoint: bool) -> Result<TrainingPass> {
+fn forward(
+    model: &Llama,
+    batch: ResponseBatch,
+    prefix: Option<&PrefixKv>,
+    checkpoint: bool,
+) -> Result<TrainingPass> {
+    ops::on_compute_pool(|| forward_here(model, batch, prefix, checkpoint))
+}
+
+fn forward_here(
+    model: &Llama,
+    batch: ResponseBatch,
+    prefix: Option<&PrefixKv>,
+    checkpoint: bool,
+) -> Result<TrainingPass> {
     // Weights as plain tensors: nothing here may build an autograd graph (it would keep
     // every intermediate alive).
     let model = model.frozen_view()?;
-    let (mut x, ctx) = model.embed_with_layout(&batch.ids, batch.layout.as_ref())?;
+    let (mut x, ctx) = model.embed_after_prefix(&batch.ids, batch.layout.as_ref(), prefix)?;
     let mut layers = Vec::with_capacity(model.num_layers());
     for i in 0..model.num_layers() {
         let (y, acts) = model.layer_forward(i, &x, &ctx, !checkpoint)?;
@@ -100,6 +131,63 @@ fn forward_here(model: &Llama, batch: ResponseBatch, checkpoint: bool) -> Result
     let logprobs = ResponseLogProbs { sums, per_token, counts: batch.counts.clone() };
     let ids = batch.ids.flatten_all()?;
     Ok(TrainingPass { logprobs, model, ctx, ids, layers, last: x, hidden, logits, batch })
+}
+
+/// A prompt prefix run through the policy once for the passes of an optimizer step; see
+/// the module doc. Holds its activations and, per layer, the gradients with respect to its
+/// keys and values summed over the passes backwarded so far.
+pub struct PrefixPass {
+    kv: PrefixKv,
+    /// A no-graph view of the model's weights.
+    model: Llama,
+    ctx: LayerContext,
+    /// The prefix's ids, `[P]`.
+    ids: Tensor,
+    layers: Vec<LayerActivations>,
+    /// Per layer, [1, kv_heads, P, head_dim], f32 (f64 for an f64 model).
+    dk: Vec<Tensor>,
+    dv: Vec<Tensor>,
+}
+
+impl PrefixPass {
+    /// The prefix's keys and values (also what a no-gradient pass, e.g. an evaluation with
+    /// the same weights, can start from).
+    pub fn kv(&self) -> &PrefixKv {
+        &self.kv
+    }
+
+    pub fn len(&self) -> usize {
+        self.kv.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kv.is_empty()
+    }
+}
+
+/// Runs prefix `ids` through `model`, keeping what [`prefix_backward`] needs (all of its
+/// activations: a prefix is short).
+pub fn forward_prefix(model: &Llama, ids: &[u32]) -> Result<PrefixPass> {
+    ops::on_compute_pool(|| {
+        let model = model.frozen_view()?;
+        let (ids_t, mut x, ctx) = model.embed_prefix(ids)?;
+        let mut layers = Vec::with_capacity(model.num_layers());
+        let mut kv = Vec::with_capacity(model.num_layers());
+        let (mut dk, mut dv) = (Vec::new(), Vec::new());
+        let acc_dtype = if model.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        for i in 0..model.num_layers() {
+            let (y, acts) = model.layer_forward(i, &x, &ctx, true)?;
+            let acts = acts.expect("layer_forward keeps activations when asked");
+            kv.push((acts.k.clone(), acts.v.clone()));
+            dk.push(acts.k.zeros_like()?.to_dtype(acc_dtype)?);
+            dv.push(acts.v.zeros_like()?.to_dtype(acc_dtype)?);
+            layers.push(acts);
+            x = y;
+        }
+        let kv = Llama::prefix_from_parts(ids.to_vec(), kv);
+        let ids = ids_t.flatten_all()?;
+        Ok(PrefixPass { kv, model, ctx, ids, layers, dk, dv })
+    })
 }
 
 impl TrainingPass {
@@ -155,11 +243,71 @@ impl ParamIndex {
 /// rounding, see [`accumulate`]). The pass is consumed: its activations are freed layer by
 /// layer as the backward goes.
 pub fn backward(pass: TrainingPass, dsums: &[f32], grads: &mut [Tensor]) -> Result<()> {
-    ops::on_compute_pool(|| backward_here(pass, dsums, grads))
+    ops::on_compute_pool(|| backward_here(pass, dsums, grads, None))
 }
 
-fn backward_here(pass: TrainingPass, dsums: &[f32], grads: &mut [Tensor]) -> Result<()> {
+/// [`backward`] for a pass made by [`forward_shared_after`]: the gradients reaching the
+/// prefix's keys and values are added into `prefix`, for [`prefix_backward`].
+pub fn backward_after_prefix(
+    pass: TrainingPass,
+    dsums: &[f32],
+    grads: &mut [Tensor],
+    prefix: &mut PrefixPass,
+) -> Result<()> {
+    ops::on_compute_pool(|| backward_here(pass, dsums, grads, Some(prefix)))
+}
+
+/// Adds the gradients that the passes backwarded with [`backward_after_prefix`] sent into
+/// the prefix's keys and values to the weights' gradients in `grads`. Call it once, after
+/// the last pass that used the prefix.
+pub fn prefix_backward(prefix: PrefixPass, grads: &mut [Tensor]) -> Result<()> {
+    ops::on_compute_pool(|| {
+        let PrefixPass { model, ctx, ids, layers, dk, dv, .. } = prefix;
+        check_accumulators(&model, grads)?;
+        let index = ParamIndex::new(&model);
+        let dtype = model.dtype();
+        // Nothing reads the prefix's last hidden states: its gradient enters through the
+        // keys and values only.
+        let mut dx =
+            Tensor::zeros((ids.dim(0)?, model.config().hidden_size), dtype, model.device())?;
+        for (i, acts) in layers.into_iter().enumerate().rev() {
+            let from_rows = (&dk[i].to_dtype(dtype)?, &dv[i].to_dtype(dtype)?);
+            dx = layer_backward(&model, i, acts, &dx, &ctx, &index, grads, None, Some(from_rows))?;
+        }
+        embedding_backward(&model, &ids, dx, &index, grads)
+    })
+}
+
+fn check_accumulators(model: &Llama, grads: &[Tensor]) -> Result<()> {
+    if grads.len() != model.params().len() {
+        return Err(Error::Input(format!(
+            "{} gradient accumulators for {} parameters",
+            grads.len(),
+            model.params().len()
+        )));
+    }
+    Ok(())
+}
+
+fn backward_here(
+    pass: TrainingPass,
+    dsums: &[f32],
+    grads: &mut [Tensor],
+    mut prefix: Option<&mut PrefixPass>,
+) -> Result<()> {
     let TrainingPass { model, ctx, ids, layers, last, hidden, logits, batch, .. } = pass;
+    let same_prefix = match (&ctx.prefix, &prefix) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.ids() == b.kv.ids(),
+        _ => false,
+    };
+    if !same_prefix {
+        return Err(Error::Input(
+            "a pass is differentiated with the prefix it was computed from (forward_shared_after \
+             with backward_after_prefix), or without one"
+                .into(),
+        ));
+    }
     let params = model.params();
     if grads.len() != params.len() {
         return Err(Error::Input(format!(
@@ -203,10 +351,22 @@ fn backward_here(pass: TrainingPass, dsums: &[f32], grads: &mut [Tensor]) -> Res
                 .1
                 .expect("layer_forward keeps activations when asked"),
         };
-        dx = layer_backward(&model, i, acts, &dx, &ctx, &index, grads)?;
+        let to_prefix = prefix.as_deref_mut().map(|p| (&mut p.dk[i], &mut p.dv[i]));
+        dx = layer_backward(&model, i, acts, &dx, &ctx, &index, grads, to_prefix, None)?;
     }
+    embedding_backward(&model, &ids, dx, &index, grads)
+}
 
-    // Embedding rows: each token's gradient goes to its id's row.
+/// Adds each token's input gradient `dx` `[B*T, H]` to the embedding row of its id.
+fn embedding_backward(
+    model: &Llama,
+    ids: &Tensor,
+    dx: Tensor,
+    index: &ParamIndex,
+    grads: &mut [Tensor],
+) -> Result<()> {
+    let device = model.device().clone();
+    let (bt, h) = dx.dims2()?;
     let e = index.get("model.embed_tokens.weight");
     let rows = ids.unsqueeze(1)?.broadcast_as((bt, h))?.contiguous()?;
     if grads[e].dtype() == DType::BF16 {
@@ -232,7 +392,11 @@ fn backward_here(pass: TrainingPass, dsums: &[f32], grads: &mut [Tensor]) -> Res
 }
 
 /// The backward of decoder layer `i`: adds its weights' gradients into `grads` and returns
-/// the gradient of its input, given `dy`, the gradient of its output.
+/// the gradient of its input, given `dy`, the gradient of its output. When the pass
+/// attended to a prefix, the gradients of the prefix's keys and values (summed over the
+/// batch) are added into `to_prefix`; when this is a prefix's own pass, `from_rows` holds
+/// the gradients its keys and values received from the passes that attended to them.
+#[allow(clippy::too_many_arguments)]
 fn layer_backward(
     model: &Llama,
     i: usize,
@@ -241,6 +405,8 @@ fn layer_backward(
     ctx: &LayerContext,
     index: &ParamIndex,
     grads: &mut [Tensor],
+    to_prefix: Option<(&mut Tensor, &mut Tensor)>,
+    from_rows: Option<(&Tensor, &Tensor)>,
 ) -> Result<Tensor> {
     let cfg = model.config();
     let w = model.layer_weights(i);
@@ -275,15 +441,28 @@ fn layer_backward(
     let dattn = dx2.matmul(w.o)?; // [B*T, nh*d]
     let dattn = dattn.reshape((b, t, nh, d))?.transpose(1, 2)?.contiguous()?;
     let dattn = dattn.reshape((b, nkv, rep * t, d))?;
-    let dprobs = dattn.matmul(&a.v.t()?)?; // [B, nkv, rep*T, T]
-    let dv = a.probs.t()?.matmul(&dattn)?; // [B, nkv, T, d]
+    let dprobs = dattn.matmul(&a.v.t()?)?; // [B, nkv, rep*T, P + T]
+    let dv = a.probs.t()?.matmul(&dattn)?; // [B, nkv, P + T, d]
     drop(dattn);
     let scale = 1.0 / (d as f64).sqrt();
     let dscores = grad_ops::softmax_grad(&a.probs, &dprobs, scale)?;
     drop(dprobs);
     let dq = dscores.matmul(&a.k)?; // [B, nkv, rep*T, d]
-    let dk = dscores.t()?.matmul(&a.q)?; // [B, nkv, T, d]
+    let dk = dscores.t()?.matmul(&a.q)?; // [B, nkv, P + T, d]
     drop(dscores);
+    let p = ctx.prefix.as_ref().map_or(0, PrefixKv::len);
+    let (dk, dv) = match to_prefix {
+        Some((pk, pv)) if p > 0 => {
+            accumulate(pk, &dk.narrow(2, 0, p)?.sum_keepdim(0)?)?;
+            accumulate(pv, &dv.narrow(2, 0, p)?.sum_keepdim(0)?)?;
+            (dk.narrow(2, p, t)?, dv.narrow(2, p, t)?)
+        }
+        _ => (dk, dv),
+    };
+    let (dk, dv) = match from_rows {
+        Some((rk, rv)) => ((dk + rk)?, (dv + rv)?),
+        None => (dk, dv),
+    };
     let dq = dq.reshape((b, nh, t, d))?.transpose(1, 2)?.contiguous()?; // [B, T, nh, d]
     let dq = ops::rope_grad(&dq, &ctx.cos, &ctx.sin)?.reshape((b * t, nh * d))?;
     let dk = dk.transpose(1, 2)?.contiguous()?;

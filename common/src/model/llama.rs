@@ -62,8 +62,63 @@ pub struct LayerContext {
     /// [T, head_dim/2] (positions 0..T in every row) or [B*T, head_dim/2] (per token).
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
-    /// Additive, 0 = attend, -inf = not: [T, T] (causal) or [B, T, T] (per row).
+    /// Additive, 0 = attend, -inf = not: [T, T] (causal) or [B, T, P + T] (per row, the
+    /// first P columns the prefix's).
     pub(crate) mask: Tensor,
+    /// Keys and values every row attends to before its own tokens.
+    pub(crate) prefix: Option<PrefixKv>,
+}
+
+/// The rotated keys and values of a token prefix at every layer, computed once (see
+/// [`Llama::prefix_kv`]) and attended to by every row of later passes, so that a prefix
+/// many sequences share (a prompt template's preamble) is not recomputed for each. With
+/// causal attention a prefix's keys and values do not depend on what follows it, so the
+/// result is that of the full sequences up to float rounding. Valid only for the weights
+/// it was computed with.
+#[derive(Clone)]
+pub struct PrefixKv {
+    ids: Vec<u32>,
+    /// Per layer, keys and values [1, kv_heads, P, head_dim].
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl PrefixKv {
+    /// The prefix's token ids.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The first `len` tokens of the prefix: exact, since no position depends on later ones.
+    pub fn truncated(&self, len: usize) -> Result<PrefixKv> {
+        if len > self.len() {
+            return Err(Error::Input(format!(
+                "cannot extend a prefix of {} tokens to {len} by truncation",
+                self.len()
+            )));
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?)))
+            .collect::<Result<_>>()?;
+        Ok(PrefixKv { ids: self.ids[..len].to_vec(), layers })
+    }
+
+    /// Bytes held by the keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
 }
 
 /// Where each token of a `[B, T]` batch sits and what it may attend to, when rows are not
@@ -78,16 +133,19 @@ pub struct TokenLayout {
 }
 
 impl TokenLayout {
-    /// The additive mask [B, T, T] this layout implies.
-    fn mask(&self, b: usize, t: usize) -> Vec<f32> {
-        let mut m = vec![f32::NEG_INFINITY; b * t * t];
+    /// The additive mask [B, T, P + T] this layout implies after a prefix of `p` tokens that
+    /// every token sees.
+    fn mask(&self, b: usize, t: usize, p: usize) -> Vec<f32> {
+        let s = p + t;
+        let mut m = vec![f32::NEG_INFINITY; b * t * s];
         for r in 0..b {
             let br = &self.branches[r * t..(r + 1) * t];
             for i in 0..t {
-                let row = &mut m[(r * t + i) * t..(r * t + i + 1) * t];
+                let row = &mut m[(r * t + i) * s..(r * t + i + 1) * s];
+                row[..p].fill(0.0);
                 for j in 0..=i {
                     if br[j] == 0 || br[j] == br[i] {
-                        row[j] = 0.0;
+                        row[p + j] = 0.0;
                     }
                 }
             }
@@ -101,11 +159,12 @@ impl TokenLayout {
 pub(crate) struct LayerActivations {
     /// The layer's input, [B*T, H].
     pub x: Tensor,
-    /// Rotated queries [B, kv_heads, rep*T, d], keys and values [B, kv_heads, T, d].
+    /// Rotated queries [B, kv_heads, rep*T, d]; the keys and values attended to, a
+    /// prefix's (P ≥ 0 positions) then the rows' own: [B, kv_heads, P + T, d].
     pub q: Tensor,
     pub k: Tensor,
     pub v: Tensor,
-    /// Attention probabilities [B, kv_heads, rep*T, T].
+    /// Attention probabilities [B, kv_heads, rep*T, P + T].
     pub probs: Tensor,
     /// Attention output before the output projection, [B*T, heads*d].
     pub attn: Tensor,
@@ -342,8 +401,19 @@ impl Llama {
         ids: &Tensor,
         layout: Option<&TokenLayout>,
     ) -> Result<Tensor> {
+        self.hidden_states_after_prefix(ids, layout, None)
+    }
+
+    /// [`hidden_states_with_layout`](Self::hidden_states_with_layout) for rows that continue
+    /// `prefix` (see [`embed_after_prefix`](Self::embed_after_prefix)).
+    pub fn hidden_states_after_prefix(
+        &self,
+        ids: &Tensor,
+        layout: Option<&TokenLayout>,
+        prefix: Option<&PrefixKv>,
+    ) -> Result<Tensor> {
         ops::on_compute_pool(|| {
-            let (mut x, ctx) = self.embed_with_layout(ids, layout)?;
+            let (mut x, ctx) = self.embed_after_prefix(ids, layout, prefix)?;
             for i in 0..self.layers.len() {
                 x = self.forward_layer(i, &x, &ctx)?;
             }
@@ -367,7 +437,26 @@ impl Llama {
         ids: &Tensor,
         layout: Option<&TokenLayout>,
     ) -> Result<(Tensor, LayerContext)> {
+        self.embed_after_prefix(ids, layout, None)
+    }
+
+    /// [`embed_with_layout`](Self::embed_with_layout) for rows that continue `prefix`: every
+    /// token attends to the whole prefix, and the layout's positions count the prefix's
+    /// tokens (a layout is required with a prefix).
+    pub fn embed_after_prefix(
+        &self,
+        ids: &Tensor,
+        layout: Option<&TokenLayout>,
+        prefix: Option<&PrefixKv>,
+    ) -> Result<(Tensor, LayerContext)> {
         let (b, t) = ids.dims2()?;
+        let p = prefix.map_or(0, PrefixKv::len);
+        if let Some(prefix) = prefix {
+            self.check_prefix(prefix)?;
+            if layout.is_none() {
+                return Err(Error::Input("rows after a prefix need a token layout".into()));
+            }
+        }
         let max_pos = match layout {
             None => t.saturating_sub(1),
             Some(l) => {
@@ -400,13 +489,63 @@ impl Llama {
             None => (cos, sin, causal_mask(t, &self.device)?),
             Some(l) => {
                 let pos = Tensor::from_slice(&l.positions, b * t, &self.device)?;
-                let mask = Tensor::from_vec(l.mask(b, t), (b, t, t), &self.device)?;
+                let mask = Tensor::from_vec(l.mask(b, t, p), (b, t, p + t), &self.device)?;
                 (cos.index_select(&pos, 0)?, sin.index_select(&pos, 0)?, mask)
             }
         };
         let mask = mask.to_dtype(self.dtype)?;
         let x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [B*T, H]
-        Ok((x, LayerContext { b, t, cos, sin, mask }))
+        Ok((x, LayerContext { b, t, cos, sin, mask, prefix: prefix.cloned() }))
+    }
+
+    /// The keys and values of `ids` at every layer, for passes that continue them.
+    pub fn prefix_kv(&self, ids: &[u32]) -> Result<PrefixKv> {
+        ops::on_compute_pool(|| {
+            let (_, mut x, ctx) = self.embed_prefix(ids)?;
+            let mut layers = Vec::with_capacity(self.layers.len());
+            for i in 0..self.layers.len() {
+                let (y, acts) = self.layer_forward(i, &x, &ctx, true)?;
+                let acts = acts.expect("activations were asked for");
+                layers.push((acts.k.detach(), acts.v.detach()));
+                x = y;
+            }
+            Ok(PrefixKv { ids: ids.to_vec(), layers })
+        })
+    }
+
+    /// The start of a pass over prefix `ids` alone: the ids `[1, P]`, their embeddings and
+    /// the layer context.
+    pub(crate) fn embed_prefix(&self, ids: &[u32]) -> Result<(Tensor, Tensor, LayerContext)> {
+        if ids.is_empty() {
+            return Err(Error::Input("an empty prefix".into()));
+        }
+        let ids_t = Tensor::from_slice(ids, (1, ids.len()), &self.device)?;
+        let (x, ctx) = self.embed_tokens(&ids_t)?;
+        Ok((ids_t, x, ctx))
+    }
+
+    /// A prefix from keys and values computed elsewhere (`model::backward`'s prefix pass).
+    pub(crate) fn prefix_from_parts(ids: Vec<u32>, layers: Vec<(Tensor, Tensor)>) -> PrefixKv {
+        PrefixKv { ids, layers }
+    }
+
+    /// Checks that `prefix` has this model's shape (it cannot check the weights).
+    fn check_prefix(&self, prefix: &PrefixKv) -> Result<()> {
+        let cfg = &self.cfg;
+        let want = [1, cfg.num_key_value_heads, prefix.len(), cfg.head_dim];
+        let fits = prefix.layers.len() == self.layers.len()
+            && prefix
+                .layers
+                .iter()
+                .all(|(k, v)| k.dims() == want && v.dims() == want && k.dtype() == self.dtype);
+        if !fits || prefix.is_empty() {
+            return Err(Error::Input(format!(
+                "a prefix of {} tokens over {} layers does not fit this model",
+                prefix.len(),
+                prefix.layers.len()
+            )));
+        }
+        Ok(())
     }
 
     /// Number of decoder layers.
@@ -452,7 +591,19 @@ impl Llama {
         let q = q.transpose(1, 2)?.contiguous()?.reshape((b, nkv, rep * t, d))?;
         let k = k.transpose(1, 2)?.contiguous()?; // [B, nkv, T, d]
         let v = v.transpose(1, 2)?.contiguous()?;
-        let scores = q.matmul(&k.t()?)?; // [B, nkv, rep*T, T]
+        // Keys and values of a prefix come first: [B, nkv, P + T, d].
+        let (k, v) = match &ctx.prefix {
+            None => (k, v),
+            Some(prefix) => {
+                let (pk, pv) = &prefix.layers[i];
+                let shape = (b, nkv, prefix.len(), d);
+                (
+                    Tensor::cat(&[&pk.broadcast_as(shape)?.contiguous()?, &k], 2)?,
+                    Tensor::cat(&[&pv.broadcast_as(shape)?.contiguous()?, &v], 2)?,
+                )
+            }
+        };
+        let scores = q.matmul(&k.t()?)?; // [B, nkv, rep*T, P + T]
         let probs = ops::masked_softmax(&scores, &ctx.mask, 1.0 / (d as f64).sqrt())?;
         let attn = probs.matmul(&v)?; // [B, nkv, rep*T, d]
         let attn = attn.reshape((b, nh, t, d))?.transpose(1, 2)?.contiguous()?;

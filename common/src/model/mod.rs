@@ -9,6 +9,6 @@ pub mod ops;
 pub mod save;
 
 pub use config::{LlamaConfig, RopeScaling};
-pub use llama::{LayerContext, Llama, Mode, TokenLayout};
+pub use llama::{LayerContext, Llama, Mode, PrefixKv, TokenLayout};
 pub use load::{load_checkpoint, load_model, parse_dtype, Checkpoint, LoadedModel};
 pub use save::{save_hf, SaveOptions};
