@@ -244,6 +244,12 @@ pub struct TrainArgs {
     #[arg(long)]
     pub grad_checkpointing: bool,
 
+    /// A prompt prefix at least this long that every pair of an optimizer step shares (the
+    /// template's preamble) goes through the policy once per step instead of once per pair,
+    /// with the same gradients up to float rounding; 0 turns this off.
+    #[arg(long, default_value_t = dpo_common::prefix::DEFAULT_MIN_PREFIX_TOKENS)]
+    pub prefix_min_tokens: usize,
+
     /// No progress bar (log lines only), e.g. when stderr is a file.
     #[arg(long)]
     pub no_progress: bool,

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dpo;
 use crate::ref_client::ReferenceScorer;
-use crate::train::policy_logprobs;
+use crate::train::{common_prefix, policy_logprobs};
 
 /// One validation pass, averaged over the validation pairs.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -34,14 +34,20 @@ pub fn evaluate(
     val: &[EncodedPair],
     beta: f64,
     chunk: usize,
+    prefix_min_tokens: usize,
 ) -> Result<EvalResult> {
     scorer.prefetch(val);
     // The policy's current weights (shared storage), without an autograd graph: a
     // validation pass needs no more memory than the reference's forward.
     let policy = &policy.frozen_view()?;
+    // The prompts' common prefix (the template's preamble) once for the whole set.
+    let prefix = match common_prefix(val, prefix_min_tokens) {
+        Some(ids) => Some(policy.prefix_kv(&ids)?),
+        None => None,
+    };
     let mut totals = dpo::DpoStats::default();
     for pairs in val.chunks(chunk.max(1)) {
-        let (chosen, rejected) = policy_logprobs(policy, pairs)?;
+        let (chosen, rejected) = policy_logprobs(policy, pairs, prefix.as_ref())?;
         let refs = scorer.scores(pairs)?;
         let out = dpo::dpo_loss(&chosen, &rejected, &refs, beta)?;
         totals.merge(&out.stats);

@@ -15,9 +15,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use dpo_common::data::{self, EncodedPair, PreferencePair};
 use dpo_common::device::parse_device;
-use dpo_common::logprob::{shared_prompt_logprobs, SharedPrompt};
+use dpo_common::logprob::{prefixed_logprobs, shared_prompt_logprobs, SharedPrompt};
 use dpo_common::memory;
-use dpo_common::model::{backward, grad_ops, load_model, parse_dtype, Llama, LoadedModel, Mode};
+use dpo_common::model::backward::{self, PrefixPass};
+use dpo_common::model::{grad_ops, load_model, parse_dtype, Llama, LoadedModel, Mode, PrefixKv};
 use dpo_common::sround::update_seed;
 use dpo_proto::client::ClientOptions;
 use dpo_proto::token::load_token;
@@ -81,14 +82,40 @@ fn row_passes(pairs: &[EncodedPair]) -> (Vec<SharedPrompt>, Vec<Vec<usize>>) {
     (rows, passes)
 }
 
+/// The longest prompt prefix every pair of `pairs` starts with, leaving each prompt its
+/// last token (which predicts the first response token); `None` when shorter than
+/// `min_tokens` or when `min_tokens` is 0. With the Alpaca template this is at least the
+/// template's preamble, whatever the data: it goes through the policy once per optimizer
+/// step (or evaluation) instead of once per pair (`model::backward`'s prefix pass).
+pub fn common_prefix(pairs: &[EncodedPair], min_tokens: usize) -> Option<Vec<u32>> {
+    let first = &pairs.first()?.prompt_ids;
+    let len = pairs
+        .iter()
+        .map(|p| {
+            let common = p.prompt_ids.iter().zip(first).take_while(|(a, b)| a == b).count();
+            common.min(p.prompt_ids.len().saturating_sub(1))
+        })
+        .min()?;
+    (min_tokens > 0 && len >= min_tokens).then(|| first[..len].to_vec())
+}
+
 /// Policy log-probs of pairs, without gradients (validation): (chosen [m], rejected [m]).
-pub fn policy_logprobs(policy: &Llama, pairs: &[EncodedPair]) -> Result<(Tensor, Tensor)> {
+/// With `prefix` (which every pair's prompt must extend), its tokens are not recomputed.
+pub fn policy_logprobs(
+    policy: &Llama,
+    pairs: &[EncodedPair],
+    prefix: Option<&PrefixKv>,
+) -> Result<(Tensor, Tensor)> {
     let (rows, passes) = row_passes(pairs);
     let mut chosen = vec![0f32; pairs.len()];
     let mut rejected = vec![0f32; pairs.len()];
     for pass in &passes {
         let batch: Vec<SharedPrompt> = pass.iter().map(|&i| rows[i].clone()).collect();
-        let sums = shared_prompt_logprobs(policy, &batch)?.sums.to_vec1::<f32>()?;
+        let lp = match prefix {
+            Some(prefix) => prefixed_logprobs(policy, &batch, prefix)?,
+            None => shared_prompt_logprobs(policy, &batch)?,
+        };
+        let sums = lp.sums.to_vec1::<f32>()?;
         for (k, &i) in pass.iter().enumerate() {
             chosen[i] = sums[2 * k];
             rejected[i] = sums[2 * k + 1];
@@ -105,7 +132,8 @@ pub fn policy_logprobs(policy: &Llama, pairs: &[EncodedPair]) -> Result<(Tensor,
 /// forward pass be followed at once by its backward: only one pass's activations exist at
 /// a time. The policy side is `model::backward` (hand-written, gradients added in place);
 /// the loss's gradient with respect to each log-prob comes from candle's autograd on the
-/// few numbers of [`dpo::dpo_loss`], so the loss is written once.
+/// few numbers of [`dpo::dpo_loss`], so the loss is written once. With `prefix`, the
+/// passes start from the step's prefix pass and add its gradients into it.
 fn micro_batch_grads(
     args: &TrainArgs,
     policy: &Llama,
@@ -113,13 +141,17 @@ fn micro_batch_grads(
     micro: &[EncodedPair],
     divisor: f64,
     grads: &mut [Tensor],
+    mut prefix: Option<&mut PrefixPass>,
 ) -> Result<dpo::DpoStats> {
     let refs = scorer.scores(micro)?;
     let (rows, passes) = row_passes(micro);
     let mut stats = dpo::DpoStats::default();
     for pass in &passes {
         let batch: Vec<SharedPrompt> = pass.iter().map(|&i| rows[i].clone()).collect();
-        let training = backward::forward_shared(policy, &batch, args.grad_checkpointing)?;
+        let training = match prefix.as_deref() {
+            Some(p) => backward::forward_shared_after(policy, &batch, p, args.grad_checkpointing)?,
+            None => backward::forward_shared(policy, &batch, args.grad_checkpointing)?,
+        };
         let sums = training.logprobs.sums.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let (chosen, rejected): (Vec<f32>, Vec<f32>) =
             sums.chunks_exact(2).map(|cr| (cr[0], cr[1])).unzip();
@@ -136,7 +168,10 @@ fn micro_batch_grads(
         };
         let (dc, dr) = (d(&chosen)?, d(&rejected)?);
         let dsums: Vec<f32> = dc.iter().zip(&dr).flat_map(|(&c, &r)| [c, r]).collect();
-        backward::backward(training, &dsums, grads)?;
+        match prefix.as_deref_mut() {
+            Some(p) => backward::backward_after_prefix(training, &dsums, grads, p)?,
+            None => backward::backward(training, &dsums, grads)?,
+        }
     }
     Ok(stats)
 }
@@ -408,12 +443,20 @@ pub fn run(args: TrainArgs) -> Result<RunSummary> {
         // with the same random bits as the uninterrupted one.
         grad_ops::set_rounding_seed(update_seed(args.seed, state.step as u64, u64::MAX));
         let mut stats = dpo::DpoStats::default();
+        let mut prefix = match common_prefix(&batch, args.prefix_min_tokens) {
+            Some(ids) => Some(backward::forward_prefix(&policy, &ids)?),
+            None => None,
+        };
         for micro in batch.chunks(args.micro_batch) {
             // Mean over the whole batch: each micro-batch adds its share of the sum.
             let micro_stats = accumulator.add_with(|grads| {
-                micro_batch_grads(&args, &policy, &scorer, micro, batch.len() as f64, grads)
+                let n = batch.len() as f64;
+                micro_batch_grads(&args, &policy, &scorer, micro, n, grads, prefix.as_mut())
             })?;
             stats.merge(&micro_stats);
+        }
+        if let Some(prefix) = prefix {
+            accumulator.add_with(|grads| Ok(backward::prefix_backward(prefix, grads)?))?;
         }
         let grad_norm = clip_grad_norm(&mut accumulator, args.max_grad_norm)?;
         optimizer.step(&accumulator)?;
@@ -555,7 +598,14 @@ impl Run<'_> {
         }
         let started = Instant::now();
         let chunk = self.args.micro_batch.max(4);
-        let e = evaluate(self.policy, self.scorer, self.val_set, self.args.beta, chunk)?;
+        let e = evaluate(
+            self.policy,
+            self.scorer,
+            self.val_set,
+            self.args.beta,
+            chunk,
+            self.args.prefix_min_tokens,
+        )?;
         let record = EvalRecord {
             step: state.step,
             examples_seen: state.examples_seen,
@@ -744,23 +794,49 @@ mod tests {
             rejected_ids: (60..60 + r as u32).collect(),
         };
         let pairs = [pair(5, 3, 30), pair(4, 28, 2), pair(6, 4, 5)];
-        let (c, r) = policy_logprobs(&policy, &pairs).unwrap();
-        let (c, r) = (c.to_vec1::<f32>().unwrap(), r.to_vec1::<f32>().unwrap());
-        for (i, p) in pairs.iter().enumerate() {
-            let one = |s| response_logprobs(&policy, &[s]).unwrap().sums_vec().unwrap()[0];
-            assert!((c[i] as f64 - one(p.chosen_sequence())).abs() < 1e-4);
-            assert!((r[i] as f64 - one(p.rejected_sequence())).abs() < 1e-4);
+        // The prompts share 4 tokens; the shortest keeps its last one.
+        assert_eq!(common_prefix(&pairs, 2), Some(vec![1, 2, 3]));
+        assert_eq!(common_prefix(&pairs, 4), None);
+        assert_eq!(common_prefix(&pairs, 0), None);
+        let prefix_ids = common_prefix(&pairs, 2).unwrap();
+        let kv = policy.prefix_kv(&prefix_ids).unwrap();
+        for prefix in [None, Some(&kv)] {
+            let (c, r) = policy_logprobs(&policy, &pairs, prefix).unwrap();
+            let (c, r) = (c.to_vec1::<f32>().unwrap(), r.to_vec1::<f32>().unwrap());
+            for (i, p) in pairs.iter().enumerate() {
+                let one = |s| response_logprobs(&policy, &[s]).unwrap().sums_vec().unwrap()[0];
+                assert!((c[i] as f64 - one(p.chosen_sequence())).abs() < 1e-4);
+                assert!((r[i] as f64 - one(p.rejected_sequence())).abs() < 1e-4);
+            }
         }
         // Gradients: the shared rows, passes and hand-written backward of a micro-batch give
-        // autograd's gradient of Σ (chosen - rejected) over separate sequences.
+        // autograd's gradient of Σ (chosen - rejected) over separate sequences, with the
+        // step's prefix pass or without.
         let (rows, passes) = row_passes(&pairs);
         assert!(passes.len() > 1, "the test should cover several passes: {passes:?}");
-        let mut grads = backward::zero_grads(&policy).unwrap();
-        for pass in &passes {
-            let batch: Vec<_> = pass.iter().map(|&i| rows[i].clone()).collect();
-            let t = backward::forward_shared(&policy, &batch, false).unwrap();
-            let dsums: Vec<f32> = pass.iter().flat_map(|_| [1.0, -1.0]).collect();
-            backward::backward(t, &dsums, &mut grads).unwrap();
+        let mut variants = Vec::new();
+        for with_prefix in [false, true] {
+            let mut prefix =
+                with_prefix.then(|| backward::forward_prefix(&policy, &prefix_ids).unwrap());
+            let mut grads = backward::zero_grads(&policy).unwrap();
+            for pass in &passes {
+                let batch: Vec<_> = pass.iter().map(|&i| rows[i].clone()).collect();
+                let dsums: Vec<f32> = pass.iter().flat_map(|_| [1.0, -1.0]).collect();
+                match prefix.as_mut() {
+                    Some(p) => {
+                        let t = backward::forward_shared_after(&policy, &batch, p, false).unwrap();
+                        backward::backward_after_prefix(t, &dsums, &mut grads, p).unwrap();
+                    }
+                    None => {
+                        let t = backward::forward_shared(&policy, &batch, false).unwrap();
+                        backward::backward(t, &dsums, &mut grads).unwrap();
+                    }
+                }
+            }
+            if let Some(p) = prefix {
+                backward::prefix_backward(p, &mut grads).unwrap();
+            }
+            variants.push(grads);
         }
         let mut total: Option<Tensor> = None;
         for p in &pairs {
@@ -774,11 +850,13 @@ mod tests {
             }
         }
         let g2 = total.unwrap().backward().unwrap();
-        for (var, a) in policy.vars().iter().zip(&grads) {
-            let b = g2.get(var.as_tensor()).unwrap();
-            let diff =
-                (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff < 1e-4, "gradient differs by {diff}");
+        for grads in &variants {
+            for (var, a) in policy.vars().iter().zip(grads) {
+                let b = g2.get(var.as_tensor()).unwrap();
+                let diff =
+                    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff < 1e-4, "gradient differs by {diff}");
+            }
         }
     }
 }
