@@ -316,6 +316,38 @@ pub fn peak_rss_bytes() -> Option<u64> {
     proc_field_kib(&text, "VmHWM:").map(|k| k * 1024)
 }
 
+/// Makes every thread allocate from one glibc arena (`M_ARENA_MAX` = 1; elsewhere
+/// nothing). Call it first thing in `main`, before any thread starts.
+///
+/// Why: a model pass runs on whichever rayon worker picks it up (`ops::on_compute_pool`),
+/// and glibc gives each allocating thread an arena of its own. Each arena keeps the freed
+/// activations of the passes that ran on it for reuse, so with one arena per worker the
+/// retained memory grows with the number of workers. Measured on the trainer (SmolLM2,
+/// micro-batch 4, two optimizer steps): peak RSS 2303 → 2192 MiB with 2 workers, 2621 →
+/// 2198 MiB with 8, for the same CPU time. The allocations are few and large (one per
+/// tensor), so threads hardly ever wait on the shared arena's lock.
+pub fn use_one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes an allocator setting; M_ARENA_MAX is always valid.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// Hands the allocator's free memory back to the operating system (glibc: `malloc_trim`,
+/// every arena; elsewhere nothing). glibc keeps the heap memory of freed tensors resident
+/// for reuse: after a backward pass that is a few hundred MB of freed activations, which
+/// stays in the resident set under whatever is touched next. The trainer calls this once
+/// per optimizer step, before the step first writes its state.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages to the kernel; it takes the allocator's
+    // locks like any other allocator call.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Current resident set size (`VmRSS`), in bytes (Linux only).
 pub fn rss_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -12,10 +12,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use dpo_common::model::save::{save_hf, write_file, SaveOptions};
+use dpo_common::model::save::{save_hf, save_hf_with, write_file, SaveOptions};
 use dpo_common::model::Llama;
 use dpo_common::tokenizer::LlamaTokenizer;
 use serde::{Deserialize, Serialize};
+
+use crate::optim::RmsProp;
 
 pub const BEST_DIR: &str = "best";
 pub const LAST_DIR: &str = "last";
@@ -77,19 +79,23 @@ pub fn save_best(
     Ok(dir)
 }
 
-/// Saves everything `--resume` needs (atomically replacing the previous `last/`).
+/// Saves everything `--resume` needs (atomically replacing the previous `last/`). The
+/// optimizer state is written straight to its file, a tensor at a time.
 pub fn save_last(
     out: &Path,
     model: &Llama,
     tokenizer: &LlamaTokenizer,
-    optimizer_state: Vec<u8>,
+    optimizer: &RmsProp,
     state: &TrainerState,
 ) -> Result<PathBuf> {
     let dir = last_dir(out);
     let state = serde_json::to_vec_pretty(state)?;
-    let extra = [(TRAINER_STATE, state), (OPTIMIZER_STATE, optimizer_state)];
-    save_hf(model, tokenizer, &dir, &SaveOptions::default(), &extra)
-        .with_context(|| format!("cannot save the resume checkpoint to {}", dir.display()))?;
+    save_hf_with(model, tokenizer, &dir, &SaveOptions::default(), |tmp| {
+        write_file(&tmp.join(TRAINER_STATE), &state)?;
+        let path = tmp.join(OPTIMIZER_STATE);
+        optimizer.save(&path).map_err(|e| dpo_common::Error::file(&path, format!("{e:#}")))
+    })
+    .with_context(|| format!("cannot save the resume checkpoint to {}", dir.display()))?;
     Ok(dir)
 }
 

@@ -20,6 +20,8 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any thread exists (see the function's note: freed activations per thread).
+    dpo_common::memory::use_one_malloc_arena();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

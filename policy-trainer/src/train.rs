@@ -459,6 +459,10 @@ pub fn run(args: TrainArgs) -> Result<RunSummary> {
             accumulator.add_with(|grads| Ok(backward::prefix_backward(prefix, grads)?))?;
         }
         let grad_norm = clip_grad_norm(&mut accumulator, args.max_grad_norm)?;
+        // The passes' activations are freed, but glibc keeps their pages resident (a few
+        // hundred MB on SmolLM2); hand them back before the step writes the optimizer
+        // state, which on the first step becomes resident for the first time.
+        memory::release_free_memory();
         optimizer.step(&accumulator)?;
         accumulator.zero()?;
 
@@ -487,7 +491,7 @@ pub fn run(args: TrainArgs) -> Result<RunSummary> {
         }
         if state.step % args.save_every == 0 || last_step {
             scorer.flush_cache()?;
-            checkpoint::save_last(&args.out, &policy, &tokenizer, optimizer.to_bytes()?, &state)?;
+            checkpoint::save_last(&args.out, &policy, &tokenizer, &optimizer, &state)?;
         }
     }
     progress.finish();

@@ -47,6 +47,24 @@ pub fn save_hf(
     opts: &SaveOptions,
     extra_files: &[(&str, Vec<u8>)],
 ) -> Result<()> {
+    save_hf_with(model, tokenizer, dir, opts, |tmp| {
+        for (name, bytes) in extra_files {
+            write_file(&tmp.join(name), bytes)?;
+        }
+        Ok(())
+    })
+}
+
+/// [`save_hf`] with the extra files written by `write_extra` into the temporary directory
+/// (inside the same atomic swap), for files too large to build in memory first: the
+/// trainer's optimizer state is as large as the model.
+pub fn save_hf_with(
+    model: &Llama,
+    tokenizer: &LlamaTokenizer,
+    dir: &Path,
+    opts: &SaveOptions,
+    write_extra: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     atomic_dir_write(dir, |tmp| {
         let dtype = opts.dtype.unwrap_or(model.dtype());
         let mut config = model.config().clone();
@@ -59,10 +77,7 @@ pub fn save_hf(
         write_file(&tmp.join("generation_config.json"), &to_pretty_json(&generation)?)?;
         write_weights(model, tmp, dtype, opts.max_shard_bytes)?;
         tokenizer.save_hf(tmp)?;
-        for (name, bytes) in extra_files {
-            write_file(&tmp.join(name), bytes)?;
-        }
-        Ok(())
+        write_extra(tmp)
     })
 }
 

@@ -23,7 +23,6 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use dpo_common::sround::{apply_update_bf16, to_bf16_stochastic, update_seed};
-use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use super::GradAccumulator;
@@ -185,45 +184,42 @@ impl RmsProp {
         Ok(())
     }
 
-    /// The state as a safetensors file: `square_avg.{i}` per parameter, in the state's dtype
-    /// (F32 or BF16), and the step count in the metadata.
-    pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let st_dtype = st_dtype(self.cfg.state_dtype)?;
-        let data = self
+    /// The state as safetensors tensors (`square_avg.{i}` per parameter, in the state's
+    /// dtype) and metadata (the step count).
+    fn safetensors_parts(&self) -> (Vec<(String, &Tensor)>, HashMap<String, String>) {
+        let tensors = self
             .square_avg
             .iter()
-            .map(|t| {
-                let t = t.flatten_all()?;
-                Ok(match self.cfg.state_dtype {
-                    DType::BF16 => {
-                        let v = t.to_vec1::<half::bf16>()?;
-                        v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()
-                    }
-                    _ => {
-                        let v = t.to_vec1::<f32>()?;
-                        v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()
-                    }
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let views = self
-            .square_avg
-            .iter()
-            .zip(&data)
             .enumerate()
-            .map(|(i, (t, bytes))| {
-                Ok((
-                    format!("square_avg.{i}"),
-                    TensorView::new(st_dtype, t.dims().to_vec(), bytes)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
+            .map(|(i, t)| (format!("square_avg.{i}"), t))
+            .collect();
         let metadata = HashMap::from([
             ("format".to_string(), FORMAT.to_string()),
             ("step".to_string(), self.steps.to_string()),
             ("parameters".to_string(), self.vars.len().to_string()),
         ]);
-        Ok(safetensors::serialize(views, Some(metadata))?)
+        (tensors, metadata)
+    }
+
+    /// The state as a safetensors file in memory (what [`save`](Self::save) writes): as
+    /// large as the parameters in the state's dtype. For tests and small models.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let (tensors, metadata) = self.safetensors_parts();
+        Ok(safetensors::serialize(tensors, Some(metadata))?)
+    }
+
+    /// Writes the state as a safetensors file at `path` (the file
+    /// [`to_bytes`](Self::to_bytes) returns) and flushes it to disk. One tensor at a time is copied
+    /// out: building the whole file in memory first would add twice the state's size to the
+    /// trainer's peak (the bytes of every tensor, then the file), at the end of a step when
+    /// weights, gradient sums and state are all resident.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let (tensors, metadata) = self.safetensors_parts();
+        safetensors::serialize_to_file(tensors, Some(metadata), path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::File::open(path)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("flushing {}", path.display()))
     }
 
     /// Restores the state saved by [`to_bytes`](Self::to_bytes) from a file.
@@ -318,6 +314,23 @@ mod tests {
         }
         acc.add(&loss.backward().unwrap()).unwrap();
         acc
+    }
+
+    /// Two safetensors files hold the same tensors (names, dtypes, shapes, bytes) and
+    /// metadata (whose order in the header follows a `HashMap`'s, so it differs per call).
+    fn assert_same_file(a: &[u8], b: &[u8]) {
+        let (sa, sb) = (SafeTensors::deserialize(a).unwrap(), SafeTensors::deserialize(b).unwrap());
+        let mut names = sa.names();
+        names.sort();
+        let mut names_b = sb.names();
+        names_b.sort();
+        assert_eq!(names, names_b);
+        for name in names {
+            let (ta, tb) = (sa.tensor(name).unwrap(), sb.tensor(name).unwrap());
+            assert_eq!((ta.dtype(), ta.shape(), ta.data()), (tb.dtype(), tb.shape(), tb.data()));
+        }
+        let meta = |x: &[u8]| SafeTensors::read_metadata(x).unwrap().1.metadata().clone();
+        assert_eq!(meta(a), meta(b));
     }
 
     fn values(vars: &[Var]) -> Vec<f32> {
@@ -490,6 +503,9 @@ mod tests {
             opt_a.step(&grads(&a, s)).unwrap();
         }
         let saved = opt_a.to_bytes().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        opt_a.save(&dir.path().join("state")).unwrap();
+        assert_same_file(&std::fs::read(dir.path().join("state")).unwrap(), &saved);
         let st = SafeTensors::deserialize(&saved).unwrap();
         assert_eq!(st.tensor("square_avg.0").unwrap().dtype(), Dtype::BF16);
         assert_eq!(st.tensor("square_avg.0").unwrap().data().len(), 4 * 2);
@@ -546,14 +562,19 @@ mod tests {
             opt_a.step(&grads(&a, s)).unwrap();
         }
         let saved = opt_a.to_bytes().unwrap();
+        // The trainer's save streams the same file to disk.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("optimizer.safetensors");
+        opt_a.save(&path).unwrap();
+        assert_same_file(&std::fs::read(&path).unwrap(), &saved);
         let weights: Vec<Tensor> = a.iter().map(|v| v.as_tensor().copy().unwrap()).collect();
         for s in 3..5 {
             opt_a.step(&grads(&a, s)).unwrap();
         }
-        // Run B: fresh optimizer and the saved weights, state loaded from the bytes.
+        // Run B: fresh optimizer and the saved weights, state loaded from the file.
         let b: Vec<Var> = weights.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
         let mut opt_b = RmsProp::new(&b, cfg).unwrap();
-        opt_b.load_bytes(&saved).unwrap();
+        opt_b.load(&path).unwrap();
         assert_eq!(opt_b.steps(), 3);
         for s in 3..5 {
             opt_b.step(&grads(&b, s)).unwrap();
