@@ -7,12 +7,18 @@
 //! [`head_kept_tensors`] what it keeps of the output head (only response positions go
 //! through the output projection). They do not depend on the kernels (fused CPU or
 //! composite GPU): intermediates are dropped as soon as the next op has run, since no
-//! autograd graph holds them. A test compares the lists with the storages a real pass
-//! keeps, to the byte.
+//! autograd graph holds them. A test (`tests/memory.rs`) compares the lists with the
+//! storages a real pass keeps, to the byte.
 //!
-//! What the model estimates rather than counts is the backward's transient memory (the
-//! gradients in flight of one layer, or of the output head) and the optimizer step's
-//! temporaries: the `workspace` and `optimizer_step` terms.
+//! What the model estimates rather than counts is the backward's transient memory and the
+//! optimizer step's temporaries: the `workspace` and `optimizer_step` terms. The backward
+//! goes through phases that never overlap, and the workspace is the largest of them, not
+//! their sum: the output head's (the logits' gradient formed beside the logits; then, the
+//! logits freed, the head's weight gradient) and then one layer's at a time (with
+//! checkpointing the layer recomputed first), when the logits are gone. `tests/memory_peak.rs`
+//! checks a pass's predicted peak against the most bytes a real one holds at once (tiny
+//! models, each phase the peak in turn), `examples/measure_memory.rs` on SmolLM2 against
+//! those bytes and against the peak RSS.
 
 use std::fmt;
 
@@ -53,6 +59,26 @@ pub struct MemoryConfig {
     /// The optimizer updates in place (the trainer's fused RMSprop: f32 weights on a CPU);
     /// otherwise its step forms a few parameter-sized temporaries.
     pub in_place_optimizer: bool,
+    /// The pass runs on a CPU: the logits' gradient by a fused kernel (elsewhere candle ops
+    /// with temporaries of their own), and a matrix kernel (gemm) that packs operands into
+    /// buffers of its own, of which the head's weight gradient's count ([`GEMM_PACK_BYTES`]).
+    pub cpu: bool,
+}
+
+/// The most the CPU matrix kernel (gemm) packs of an operand at once: it copies the
+/// operand a block at a time, the block sized from the cache sizes (measured here, 32 MiB
+/// of L3: blocks of 26-29 MiB at vocabularies of 49k-128k; the whole operand when smaller).
+pub const GEMM_PACK_BYTES: u64 = 32 << 20;
+
+/// The CPU matrix kernel's own buffers while it forms the head's weight gradient
+/// `dlogitsᵀ · hidden` ([V, r] times [r, H]), measured with a counting allocator: in f32 the
+/// packed transposed gradient, up to [`GEMM_PACK_BYTES`]; in bf16, which is multiplied in
+/// f32, the whole transposed gradient and the product in f32.
+fn gemm_buffers(r: u64, v: u64, h: u64, dtype: DType) -> u64 {
+    match dtype {
+        DType::F32 | DType::F64 => (r * v * dtype.size_in_bytes() as u64).min(GEMM_PACK_BYTES),
+        _ => (r + h) * v * 4,
+    }
 }
 
 impl MemoryConfig {
@@ -74,6 +100,7 @@ impl MemoryConfig {
             response_len: row_len,
             checkpointing,
             in_place_optimizer: device.is_cpu() && weight_dtype == DType::F32,
+            cpu: device.is_cpu(),
         }
     }
 
@@ -100,11 +127,13 @@ pub struct MemoryPlan {
     pub grads: u64,
     pub optimizer_state: u64,
     /// What the decoder layers keep for the backward (all layers; with checkpointing, each
-    /// layer's input plus one layer recomputed).
+    /// layer's input).
     pub activations: u64,
     /// The output head: the selected hidden states, logits, log-probs.
     pub logits: u64,
-    /// The backward's largest transient: one layer's, or the output head's.
+    /// The backward's largest transient beyond what the forward kept: the output head's, or
+    /// one layer's (with checkpointing including the layer's recomputed activations) less
+    /// the logits, which are freed by then.
     pub workspace: u64,
     /// The optimizer step's temporaries. The step runs after the backward has freed the
     /// activations, so the peak is the larger of the two phases, not their sum.
@@ -217,8 +246,11 @@ pub fn predict_peak_bytes(cfg: &LlamaConfig, mc: &MemoryConfig) -> MemoryPlan {
         cfg.vocab_size as u64,
         cfg.num_hidden_layers as u64,
     );
-    let (nh, qd) =
-        (cfg.num_attention_heads as u64, (cfg.num_attention_heads * cfg.head_dim) as u64);
+    let (nh, qd, kvd) = (
+        cfg.num_attention_heads as u64,
+        (cfg.num_attention_heads * cfg.head_dim) as u64,
+        (cfg.num_key_value_heads * cfg.head_dim) as u64,
+    );
     let n = (b * t) as u64;
     let scores = b as u64 * nh * (t * t) as u64;
 
@@ -235,28 +267,41 @@ pub fn predict_peak_bytes(cfg: &LlamaConfig, mc: &MemoryConfig) -> MemoryPlan {
         Role::Policy => {
             plan.grads = p * mc.grad_dtype.size_in_bytes() as u64;
             plan.optimizer_state = p * mc.optim_state_dtype.size_in_bytes() as u64;
-            plan.activations = if mc.checkpointing {
-                // Every layer's input, plus one layer's other activations while it is
-                // recomputed for its backward.
-                l * n * h * wb + layer - n * h * wb
-            } else {
-                l * layer
-            };
+            plan.activations = if mc.checkpointing { l * n * h * wb } else { l * layer };
             plan.logits = head;
-            // The head's backward: d logits in f32 (and in the weights' dtype), the head's
-            // weight gradient (and its f32 copy for the accumulator), d hidden.
+            let logits = r * v * wb;
+            // 1. The logits' gradient, formed in f32 beside the logits (from an f32 copy of
+            //    them, and then cast back, when the weights are narrower): on a CPU by one
+            //    fused kernel; elsewhere by candle ops, which hold the softmax, the one-hot
+            //    targets and their difference as well (counted from the ops, not measured).
             let narrow = if wb < f32b { 1 } else { 0 };
-            let head_bwd = r * v * (f32b + narrow * wb) + v * h * (wb + narrow * f32b) + n * h * wb;
-            // One layer's backward: the attention's d probs and d scores with d attn, or the
-            // MLP's recomputed activation, d m and d gate/up with a weight gradient.
-            let attn_bwd = (2 * scores + 3 * n * qd) * wb;
-            let mlp_bwd = (4 * n * i + i * h) * wb;
+            let composite = if mc.cpu { 0 } else { 3 };
+            let head_grad = r * v * f32b * (1 + narrow + composite);
+            // 2. The logits freed (their gradient, cast, takes their place): the head's
+            //    weight gradient, beside the CPU matrix kernel's buffers while it is formed
+            //    ([`gemm_buffers`]), then beside its copy in the sums' dtype when that
+            //    differs (a bf16 sum is added into a chunk at a time instead).
+            let gd = mc.grad_dtype;
+            let cast = if gd != wd && gd != DType::BF16 { gd.size_in_bytes() as u64 } else { 0 };
+            let kernel = if mc.cpu { gemm_buffers(r, v, h, wd) } else { 0 };
+            let head_weight = v * h * wb + kernel.max(v * h * cast);
+            // 3. One layer at a time, the logits gone but the gradients of the final norm's
+            //    input and output and of the head's hidden states still held: with
+            //    checkpointing the layer's activations recomputed; then its MLP's d m and
+            //    d gate/up, or d gate/up beside the normed input and a weight gradient; or
+            //    its attention's d probs and d scores beside d attn (as computed and
+            //    head-major), d v and the d residual pair.
+            let carried = (2 * n * h + r * h) * wb;
+            let recomputed = if mc.checkpointing { layer - n * h * wb } else { 0 };
+            let mlp_bwd = (3 * n * i).max(2 * n * i + n * h + i * h) * wb;
+            let attn_bwd = (2 * scores + 2 * n * qd + n * kvd + 2 * n * h) * wb;
+            let layer_phase = (carried + recomputed + attn_bwd.max(mlp_bwd)).saturating_sub(logits);
+            plan.workspace = head_grad.max(head_weight).max(layer_phase);
             // RMSprop on the largest parameter: a few f32 temporaries of its size, or in
             // place (then only the gradient norm's square of it).
             let largest = v * h;
             let temporaries = if mc.in_place_optimizer { 1 } else { 6 };
             plan.optimizer_step = temporaries * largest * f32b;
-            plan.workspace = head_bwd.max(attn_bwd).max(mlp_bwd);
         }
     }
     plan.total = plan.weights

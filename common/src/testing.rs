@@ -1,10 +1,13 @@
 //! Test support shared by every crate's tests: tiny random Llama checkpoints written to disk
 //! as real Hugging Face directories, random checkpoints of any shape (Llama 3.1 8B for the
-//! GPU check), and the location of the real SmolLM2 model. Not part of the product API.
+//! GPU check), the location of the real SmolLM2 model, and an allocator that counts live
+//! bytes (for the memory model's checks). Not part of the product API.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -301,6 +304,74 @@ pub fn shared_data() -> PathBuf {
     std::env::var_os("DPO_SHARED_DATA")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("../shared/data"))
+}
+
+/// A global allocator that forwards to the system's and counts the bytes live in it and
+/// their high-water mark: every tensor's storage on a CPU, exactly (RSS also holds what
+/// glibc keeps of freed memory, and misses what is allocated but not yet written). A test
+/// or example binary installs it with
+/// `#[global_allocator] static A: CountingAlloc = CountingAlloc;`; the counts are
+/// process-wide, so measure with one test per binary.
+pub struct CountingAlloc;
+
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+impl CountingAlloc {
+    /// Bytes live now.
+    pub fn live() -> usize {
+        LIVE_BYTES.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes live at once since the last [`reset_peak`](Self::reset_peak).
+    pub fn peak() -> usize {
+        PEAK_BYTES.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new high-water mark at the bytes live now, and returns them.
+    pub fn reset_peak() -> usize {
+        let now = Self::live();
+        PEAK_BYTES.store(now, Ordering::Relaxed);
+        now
+    }
+
+    fn grew(size: usize) {
+        let now = LIVE_BYTES.fetch_add(size, Ordering::Relaxed) + size;
+        PEAK_BYTES.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call goes to the system allocator unchanged; only the counters move.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            Self::grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            Self::grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+            Self::grew(new_size);
+        }
+        p
+    }
 }
 
 #[cfg(test)]
