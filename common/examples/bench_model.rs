@@ -15,7 +15,7 @@ use dpo_common::model::backward::{
     backward_after_prefix, forward_prefix, forward_shared_after, prefix_backward,
 };
 use dpo_common::model::{load_model, Mode};
-use dpo_common::prefix::{PrefixCache, DEFAULT_MIN_PREFIX_TOKENS};
+use dpo_common::prefix::{usable_prefix_len, PrefixCache, DEFAULT_MIN_PREFIX_TOKENS};
 use dpo_common::template::Template;
 use serde_json::json;
 
@@ -154,10 +154,7 @@ fn main() -> BoxResult<()> {
     // The same with the prompts' common prefix (the template's preamble) through the
     // policy once for the whole accumulation, as the trainer does per optimizer step, and
     // the reference scored by the server's prefix cache.
-    let common = shared.iter().fold(shared[0].prompt.len() - 1, |n, g| {
-        n.min(g.prompt.iter().zip(&shared[0].prompt).take_while(|(a, b)| a == b).count())
-            .min(g.prompt.len() - 1)
-    });
+    let common = usable_prefix_len(&shared[0].prompt, shared.iter().map(|g| g.prompt.as_slice()));
     eprintln!("  common prompt prefix: {common} tokens");
     let t = Instant::now();
     let mut prefix = forward_prefix(&policy.model, &shared[0].prompt[..common])?;

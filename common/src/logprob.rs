@@ -171,6 +171,13 @@ pub(crate) fn response_batch(model: &Llama, seqs: &[Sequence]) -> Result<Respons
 /// Validates `groups` against the model and lays them out as a [`ResponseBatch`], one
 /// prompt and its responses per row.
 pub(crate) fn shared_prompt_batch(model: &Llama, groups: &[SharedPrompt]) -> Result<ResponseBatch> {
+    validate_groups(model, groups)?;
+    layout_batch(model, groups, 0)
+}
+
+/// Checks a non-empty batch of groups against the model's vocabulary and length limit,
+/// naming the first bad prompt.
+pub(crate) fn validate_groups(model: &Llama, groups: &[SharedPrompt]) -> Result<()> {
     if groups.is_empty() {
         return Err(Error::Input("empty batch".into()));
     }
@@ -179,7 +186,7 @@ pub(crate) fn shared_prompt_batch(model: &Llama, groups: &[SharedPrompt]) -> Res
         g.validate(cfg.vocab_size, cfg.max_position_embeddings)
             .map_err(|e| Error::Input(format!("prompt {i}: {e}")))?;
     }
-    layout_batch(model, groups, 0)
+    Ok(())
 }
 
 /// Lays `groups` out with the first `prefix_len` tokens of every prompt left out (they are
@@ -245,13 +252,13 @@ fn layout_batch(
 
 /// Computes the response log-probs of `seqs` in one right-padded forward pass.
 pub fn response_logprobs(model: &Llama, seqs: &[Sequence]) -> Result<ResponseLogProbs> {
-    batch_logprobs(model, response_batch(model, seqs)?)
+    batch_logprobs(model, response_batch(model, seqs)?, None)
 }
 
 /// Computes the log-probs of every response of `groups`, in order (group 0's responses,
 /// then group 1's, ...), in one forward pass where each prompt is computed once.
 pub fn shared_prompt_logprobs(model: &Llama, groups: &[SharedPrompt]) -> Result<ResponseLogProbs> {
-    batch_logprobs(model, shared_prompt_batch(model, groups)?)
+    batch_logprobs(model, shared_prompt_batch(model, groups)?, None)
 }
 
 /// [`shared_prompt_logprobs`] for prompts that all start with `prefix`, whose keys and
@@ -263,8 +270,7 @@ pub fn prefixed_logprobs(
     groups: &[SharedPrompt],
     prefix: &PrefixKv,
 ) -> Result<ResponseLogProbs> {
-    let batch = prefixed_batch(model, groups, prefix)?;
-    ops::on_compute_pool(|| batch_logprobs_here(model, batch, Some(prefix)))
+    batch_logprobs(model, prefixed_batch(model, groups, prefix)?, Some(prefix))
 }
 
 /// Validates `groups` against the model and `prefix` and lays out what follows the prefix
@@ -274,13 +280,8 @@ pub(crate) fn prefixed_batch(
     groups: &[SharedPrompt],
     prefix: &PrefixKv,
 ) -> Result<ResponseBatch> {
-    if groups.is_empty() {
-        return Err(Error::Input("empty batch".into()));
-    }
-    let cfg = model.config();
+    validate_groups(model, groups)?;
     for (i, g) in groups.iter().enumerate() {
-        g.validate(cfg.vocab_size, cfg.max_position_embeddings)
-            .map_err(|e| Error::Input(format!("prompt {i}: {e}")))?;
         if !g.prompt.starts_with(prefix.ids()) || g.prompt.len() <= prefix.len() {
             return Err(Error::Input(format!(
                 "prompt {i} ({} tokens) does not extend the {}-token prefix",
@@ -292,8 +293,12 @@ pub(crate) fn prefixed_batch(
     layout_batch(model, groups, prefix.len())
 }
 
-fn batch_logprobs(model: &Llama, batch: ResponseBatch) -> Result<ResponseLogProbs> {
-    ops::on_compute_pool(|| batch_logprobs_here(model, batch, None))
+fn batch_logprobs(
+    model: &Llama,
+    batch: ResponseBatch,
+    prefix: Option<&PrefixKv>,
+) -> Result<ResponseLogProbs> {
+    ops::on_compute_pool(|| batch_logprobs_here(model, batch, prefix))
 }
 
 fn batch_logprobs_here(

@@ -9,8 +9,9 @@
 //! The cache is tied to the weights it was filled with: use it for a frozen model only (the
 //! reference server), or [`clear`](PrefixCache::clear) it whenever the weights change.
 
-use crate::error::{Error, Result};
-use crate::logprob::{prefixed_logprobs, shared_prompt_logprobs, ResponseLogProbs, SharedPrompt};
+use crate::error::Result;
+use crate::logprob::{prefixed_logprobs, shared_prompt_logprobs, validate_groups};
+use crate::logprob::{ResponseLogProbs, SharedPrompt};
 use crate::model::{Llama, PrefixKv};
 
 /// Shorter common prefixes are not worth a cache entry.
@@ -100,11 +101,7 @@ impl PrefixCache {
         self.last_prompt = groups[0].prompt.clone();
         if len >= self.min_tokens {
             // Token ids are checked here, before they reach the model as a prefix.
-            let cfg = model.config();
-            for (i, g) in groups.iter().enumerate() {
-                g.validate(cfg.vocab_size, cfg.max_position_embeddings)
-                    .map_err(|e| Error::Input(format!("prompt {i}: {e}")))?;
-            }
+            validate_groups(model, groups)?;
             let prefix = model.prefix_kv(&groups[0].prompt[..len])?;
             self.stats.prefixes_computed += 1;
             tracing::debug!(tokens = len, "prefix cache: new shared prefix");
@@ -129,17 +126,25 @@ impl PrefixCache {
     }
 }
 
-/// How much of `prefix` every prompt of `groups` starts with, leaving each prompt at least
-/// its last token (which predicts the first response token, so it must be computed).
-fn usable_len(prefix: &[u32], groups: &[SharedPrompt]) -> usize {
-    groups
-        .iter()
-        .map(|g| {
-            let common = prefix.iter().zip(&g.prompt).take_while(|(a, b)| a == b).count();
-            common.min(g.prompt.len().saturating_sub(1))
+/// How much of `prefix` every one of `prompts` starts with, leaving each prompt at least
+/// its last token (which predicts the first response token, so it must be computed); 0
+/// without prompts.
+pub fn usable_prefix_len<'a>(
+    prefix: &[u32],
+    prompts: impl IntoIterator<Item = &'a [u32]>,
+) -> usize {
+    prompts
+        .into_iter()
+        .map(|p| {
+            let common = prefix.iter().zip(p).take_while(|(a, b)| a == b).count();
+            common.min(p.len().saturating_sub(1))
         })
         .min()
         .unwrap_or(0)
+}
+
+fn usable_len(prefix: &[u32], groups: &[SharedPrompt]) -> usize {
+    usable_prefix_len(prefix, groups.iter().map(|g| g.prompt.as_slice()))
 }
 
 #[cfg(test)]

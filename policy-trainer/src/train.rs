@@ -19,6 +19,7 @@ use dpo_common::logprob::{prefixed_logprobs, shared_prompt_logprobs, SharedPromp
 use dpo_common::memory;
 use dpo_common::model::backward::{self, PrefixPass};
 use dpo_common::model::{grad_ops, load_model, parse_dtype, Llama, LoadedModel, Mode, PrefixKv};
+use dpo_common::prefix::usable_prefix_len;
 use dpo_common::sround::update_seed;
 use dpo_proto::client::ClientOptions;
 use dpo_proto::token::load_token;
@@ -89,13 +90,7 @@ fn row_passes(pairs: &[EncodedPair]) -> (Vec<SharedPrompt>, Vec<Vec<usize>>) {
 /// step (or evaluation) instead of once per pair (`model::backward`'s prefix pass).
 pub fn common_prefix(pairs: &[EncodedPair], min_tokens: usize) -> Option<Vec<u32>> {
     let first = &pairs.first()?.prompt_ids;
-    let len = pairs
-        .iter()
-        .map(|p| {
-            let common = p.prompt_ids.iter().zip(first).take_while(|(a, b)| a == b).count();
-            common.min(p.prompt_ids.len().saturating_sub(1))
-        })
-        .min()?;
+    let len = usable_prefix_len(first, pairs.iter().map(|p| p.prompt_ids.as_slice()));
     (min_tokens > 0 && len >= min_tokens).then(|| first[..len].to_vec())
 }
 

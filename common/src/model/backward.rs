@@ -170,22 +170,12 @@ impl PrefixPass {
 pub fn forward_prefix(model: &Llama, ids: &[u32]) -> Result<PrefixPass> {
     ops::on_compute_pool(|| {
         let model = model.frozen_view()?;
-        let (ids_t, mut x, ctx) = model.embed_prefix(ids)?;
-        let mut layers = Vec::with_capacity(model.num_layers());
-        let mut kv = Vec::with_capacity(model.num_layers());
-        let (mut dk, mut dv) = (Vec::new(), Vec::new());
+        let (kv, ctx, layers) = model.prefix_pass(ids)?;
         let acc_dtype = if model.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-        for i in 0..model.num_layers() {
-            let (y, acts) = model.layer_forward(i, &x, &ctx, true)?;
-            let acts = acts.expect("layer_forward keeps activations when asked");
-            kv.push((acts.k.clone(), acts.v.clone()));
-            dk.push(acts.k.zeros_like()?.to_dtype(acc_dtype)?);
-            dv.push(acts.v.zeros_like()?.to_dtype(acc_dtype)?);
-            layers.push(acts);
-            x = y;
-        }
-        let kv = Llama::prefix_from_parts(ids.to_vec(), kv);
-        let ids = ids_t.flatten_all()?;
+        let zeros = |t: &Tensor| t.zeros_like()?.to_dtype(acc_dtype);
+        let dk = layers.iter().map(|a| zeros(&a.k)).collect::<candle_core::Result<_>>()?;
+        let dv = layers.iter().map(|a| zeros(&a.v)).collect::<candle_core::Result<_>>()?;
+        let ids = Tensor::from_slice(ids, ids.len(), model.device())?;
         Ok(PrefixPass { kv, model, ctx, ids, layers, dk, dv })
     })
 }

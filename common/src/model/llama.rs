@@ -111,14 +111,6 @@ impl PrefixKv {
             .collect::<Result<_>>()?;
         Ok(PrefixKv { ids: self.ids[..len].to_vec(), layers })
     }
-
-    /// Bytes held by the keys and values.
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
-            .sum()
-    }
 }
 
 /// Where each token of a `[B, T]` batch sits and what it may attend to, when rows are not
@@ -500,33 +492,30 @@ impl Llama {
 
     /// The keys and values of `ids` at every layer, for passes that continue them.
     pub fn prefix_kv(&self, ids: &[u32]) -> Result<PrefixKv> {
-        ops::on_compute_pool(|| {
-            let (_, mut x, ctx) = self.embed_prefix(ids)?;
-            let mut layers = Vec::with_capacity(self.layers.len());
-            for i in 0..self.layers.len() {
-                let (y, acts) = self.layer_forward(i, &x, &ctx, true)?;
-                let acts = acts.expect("activations were asked for");
-                layers.push((acts.k.detach(), acts.v.detach()));
-                x = y;
-            }
-            Ok(PrefixKv { ids: ids.to_vec(), layers })
-        })
+        ops::on_compute_pool(|| Ok(self.prefix_pass(ids)?.0))
     }
 
-    /// The start of a pass over prefix `ids` alone: the ids `[1, P]`, their embeddings and
-    /// the layer context.
-    pub(crate) fn embed_prefix(&self, ids: &[u32]) -> Result<(Tensor, Tensor, LayerContext)> {
+    /// Runs prefix `ids` alone through every layer: its keys and values, the layer context
+    /// and every layer's activations (what `model::backward`'s prefix pass keeps).
+    pub(crate) fn prefix_pass(
+        &self,
+        ids: &[u32],
+    ) -> Result<(PrefixKv, LayerContext, Vec<LayerActivations>)> {
         if ids.is_empty() {
             return Err(Error::Input("an empty prefix".into()));
         }
         let ids_t = Tensor::from_slice(ids, (1, ids.len()), &self.device)?;
-        let (x, ctx) = self.embed_tokens(&ids_t)?;
-        Ok((ids_t, x, ctx))
-    }
-
-    /// A prefix from keys and values computed elsewhere (`model::backward`'s prefix pass).
-    pub(crate) fn prefix_from_parts(ids: Vec<u32>, layers: Vec<(Tensor, Tensor)>) -> PrefixKv {
-        PrefixKv { ids, layers }
+        let (mut x, ctx) = self.embed_tokens(&ids_t)?;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        let mut acts = Vec::with_capacity(self.layers.len());
+        for i in 0..self.layers.len() {
+            let (y, a) = self.layer_forward(i, &x, &ctx, true)?;
+            let a = a.expect("activations were asked for");
+            layers.push((a.k.detach(), a.v.detach()));
+            acts.push(a);
+            x = y;
+        }
+        Ok((PrefixKv { ids: ids.to_vec(), layers }, ctx, acts))
     }
 
     /// Checks that `prefix` has this model's shape (it cannot check the weights).
