@@ -281,10 +281,15 @@ pub fn predict_peak_bytes(cfg: &LlamaConfig, mc: &MemoryConfig) -> MemoryPlan {
             //    weight gradient, beside the CPU matrix kernel's buffers while it is formed
             //    ([`gemm_buffers`]), then beside its copy in the sums' dtype when that
             //    differs (a bf16 sum is added into a chunk at a time instead).
+            //    On a CPU with f32 weights and sums the matrix kernel adds each weight
+            //    gradient straight into its sum (`grad_ops::accumulate_matmul`): no
+            //    weight-sized temporary, only the kernel's buffers.
             let gd = mc.grad_dtype;
+            let added_by_kernel = mc.cpu && wd == DType::F32 && gd == DType::F32;
+            let weight_grad = |bytes: u64| if added_by_kernel { 0 } else { bytes };
             let cast = if gd != wd && gd != DType::BF16 { gd.size_in_bytes() as u64 } else { 0 };
             let kernel = if mc.cpu { gemm_buffers(r, v, h, wd) } else { 0 };
-            let head_weight = v * h * wb + kernel.max(v * h * cast);
+            let head_weight = weight_grad(v * h * wb) + kernel.max(v * h * cast);
             // 3. One layer at a time, the logits gone but the gradients of the final norm's
             //    input and output and of the head's hidden states still held: with
             //    checkpointing the layer's activations recomputed; then its MLP's d m and
@@ -293,7 +298,7 @@ pub fn predict_peak_bytes(cfg: &LlamaConfig, mc: &MemoryConfig) -> MemoryPlan {
             //    head-major), d v and the d residual pair.
             let carried = (2 * n * h + r * h) * wb;
             let recomputed = if mc.checkpointing { layer - n * h * wb } else { 0 };
-            let mlp_bwd = (3 * n * i).max(2 * n * i + n * h + i * h) * wb;
+            let mlp_bwd = (3 * n * i * wb).max((2 * n * i + n * h) * wb + weight_grad(i * h * wb));
             let attn_bwd = (2 * scores + 2 * n * qd + n * kvd + 2 * n * h) * wb;
             let layer_phase = (carried + recomputed + attn_bwd.max(mlp_bwd)).saturating_sub(logits);
             plan.workspace = head_grad.max(head_weight).max(layer_phase);

@@ -28,7 +28,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
 
-use super::grad_ops::{self, accumulate};
+use super::grad_ops::{self, accumulate, accumulate_matmul};
 use super::llama::{LayerActivations, LayerContext};
 use super::{ops, Llama, PrefixKv};
 use crate::error::{Error, Result};
@@ -324,7 +324,7 @@ fn backward_here(
     let dlogits = ops::target_logprob_grad(&logits, &batch.targets, &dtok)?.to_dtype(dtype)?;
     drop(logits);
     let head = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-    accumulate(&mut grads[index.get(head)], &dlogits.t()?.matmul(&hidden)?)?;
+    accumulate_matmul(&mut grads[index.get(head)], &dlogits.t()?, &hidden)?;
     let dhidden = dlogits.matmul(model.lm_head())?; // [N, H]
     drop(dlogits);
     let (bt, h) = last.dims2()?;
@@ -405,29 +405,27 @@ fn layer_backward(
     let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
     let rep = nh / nkv;
     let p = format!("model.layers.{i}");
-    let mut add = |name: &str, g: Tensor| -> Result<()> {
-        Ok(accumulate(&mut grads[index.get(&format!("{p}.{name}"))], &g)?)
-    };
+    let param = |name: &str| index.get(&format!("{p}.{name}"));
 
     // MLP: y = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2).
     let m = ops::swiglu(&a.gate, &a.up)?;
-    add("mlp.down_proj.weight", dy.t()?.matmul(&m)?)?;
+    accumulate_matmul(&mut grads[param("mlp.down_proj.weight")], &dy.t()?, &m)?;
     drop(m);
     let dm = dy.matmul(w.down)?;
     let (dgate, dup) = grad_ops::swiglu_grad(&a.gate, &a.up, &dm)?;
     drop(dm);
     let h2 = ops::rms_norm(&a.x2, w.post_norm, eps)?;
-    add("mlp.gate_proj.weight", dgate.t()?.matmul(&h2)?)?;
-    add("mlp.up_proj.weight", dup.t()?.matmul(&h2)?)?;
+    accumulate_matmul(&mut grads[param("mlp.gate_proj.weight")], &dgate.t()?, &h2)?;
+    accumulate_matmul(&mut grads[param("mlp.up_proj.weight")], &dup.t()?, &h2)?;
     drop(h2);
     let dh2 = (dgate.matmul(w.gate)? + dup.matmul(w.up)?)?;
     drop((dgate, dup));
     let (dx2, dpost) = grad_ops::rms_norm_grad(&a.x2, w.post_norm, &dh2, eps)?;
-    add("post_attention_layernorm.weight", dpost)?;
+    accumulate(&mut grads[param("post_attention_layernorm.weight")], &dpost)?;
     let dx2 = (dy + dx2)?;
 
     // Attention: x2 = x + o(attn), attn = softmax(scale q kᵀ + mask) v per head.
-    add("self_attn.o_proj.weight", dx2.t()?.matmul(&a.attn)?)?;
+    accumulate_matmul(&mut grads[param("self_attn.o_proj.weight")], &dx2.t()?, &a.attn)?;
     let dattn = dx2.matmul(w.o)?; // [B*T, nh*d]
     let dattn = dattn.reshape((b, t, nh, d))?.transpose(1, 2)?.contiguous()?;
     let dattn = dattn.reshape((b, nkv, rep * t, d))?;
@@ -459,13 +457,13 @@ fn layer_backward(
     let dk = ops::rope_grad(&dk, &ctx.cos, &ctx.sin)?.reshape((b * t, nkv * d))?;
     let dv = dv.transpose(1, 2)?.contiguous()?.reshape((b * t, nkv * d))?;
     let h1 = ops::rms_norm(&a.x, w.input_norm, eps)?;
-    add("self_attn.q_proj.weight", dq.t()?.matmul(&h1)?)?;
-    add("self_attn.k_proj.weight", dk.t()?.matmul(&h1)?)?;
-    add("self_attn.v_proj.weight", dv.t()?.matmul(&h1)?)?;
+    accumulate_matmul(&mut grads[param("self_attn.q_proj.weight")], &dq.t()?, &h1)?;
+    accumulate_matmul(&mut grads[param("self_attn.k_proj.weight")], &dk.t()?, &h1)?;
+    accumulate_matmul(&mut grads[param("self_attn.v_proj.weight")], &dv.t()?, &h1)?;
     drop(h1);
     let dh1 = ((dq.matmul(w.q)? + dk.matmul(w.k)?)? + dv.matmul(w.v)?)?;
     let (dx, din) = grad_ops::rms_norm_grad(&a.x, w.input_norm, &dh1, eps)?;
-    add("input_layernorm.weight", din)?;
+    accumulate(&mut grads[param("input_layernorm.weight")], &din)?;
     Ok((dx2 + dx)?)
 }
 

@@ -7,7 +7,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp2, InplaceOp3, Layout, Shape, Tensor, D,
+};
 
 use super::ops::{fast_path, for_each_row, inv_rms, slice, CResult};
 
@@ -278,6 +280,92 @@ pub fn accumulate(acc: &mut Tensor, g: &Tensor) -> CResult<()> {
     Ok(())
 }
 
+/// `acc += a · b` for `acc` `[M, N]`, `a` `[M, K]`, `b` `[K, N]` (any strides): the matmul
+/// kernel adds its product straight into the accumulator.
+struct AddMatmul;
+
+impl InplaceOp3 for AddMatmul {
+    fn name(&self) -> &'static str {
+        "dpo-add-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        acc: &mut CpuStorage,
+        acc_l: &Layout,
+        a: &CpuStorage,
+        a_l: &Layout,
+        b: &CpuStorage,
+        b_l: &Layout,
+    ) -> CResult<()> {
+        let (Some((start, end)), &[m, n], &[am, k], &[bk, bn]) =
+            (acc_l.contiguous_offsets(), acc_l.dims(), a_l.dims(), b_l.dims())
+        else {
+            candle_core::bail!("add-matmul expects a contiguous 2-D accumulator and 2-D operands");
+        };
+        if (am, bn, bk) != (m, n, k) {
+            candle_core::bail!("add-matmul: {am}x{k} times {bk}x{bn} into {m}x{n}");
+        }
+        let dst = match acc {
+            CpuStorage::F32(d) => &mut d[start..end],
+            _ => candle_core::bail!("add-matmul expects an f32 accumulator"),
+        };
+        let (a, b) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
+        // The last element each operand reads must lie in its storage (the kernel takes raw
+        // pointers).
+        let reach = |l: &Layout, len: usize| {
+            let last: usize = l.dims().iter().zip(l.stride()).map(|(d, s)| (d - 1) * s).sum();
+            m * n * k == 0 || l.start_offset() + last < len
+        };
+        if !reach(a_l, a.len()) || !reach(b_l, b.len()) {
+            candle_core::bail!("add-matmul: an operand's layout reaches past its storage");
+        }
+        if m * n * k == 0 {
+            return Ok(());
+        }
+        let threads = rayon::current_num_threads();
+        let parallelism =
+            if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        // SAFETY: dst is m×n contiguous (checked above); every index the kernel forms from
+        // the operands' dims and strides was checked to lie inside their storage.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                a.as_ptr().add(a_l.start_offset()),
+                a_l.stride()[1] as isize,
+                a_l.stride()[0] as isize,
+                b.as_ptr().add(b_l.start_offset()),
+                b_l.stride()[1] as isize,
+                b_l.stride()[0] as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `acc += a · b`: a weight's gradient (`dyᵀ · x`) added into its accumulator. For f32
+/// CPU tensors the product goes straight into `acc`, with no weight-sized temporary to
+/// allocate, zero and add (per micro-batch that was every weight's size in transient
+/// memory and two extra passes over it); otherwise it is [`accumulate`] of the product.
+pub fn accumulate_matmul(acc: &mut Tensor, a: &Tensor, b: &Tensor) -> CResult<()> {
+    if fast_path(&[acc, a, b]) && acc.is_contiguous() && acc.rank() == 2 {
+        return acc.inplace_op3(a, b, &AddMatmul);
+    }
+    accumulate(acc, &a.matmul(b)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,5 +425,33 @@ mod tests {
         assert!(max_diff(&alias, &expected) < 1e-7);
         assert!(max_diff(&acc, &expected) < 1e-7);
         assert!(accumulate(&mut acc, &randn(&[3], 1)).is_err());
+    }
+
+    /// The backward's weight gradients: `dyᵀ · x` (a transposed view times a contiguous
+    /// matrix), also from views with offsets, added in place; f64 takes the composite path.
+    #[test]
+    fn accumulate_matmul_adds_the_product_in_place() {
+        for (m, n, k) in [(300, 200, 37), (7, 5, 1), (64, 48, 600)] {
+            let mut acc = randn(&[m, n], 1);
+            let alias = acc.clone();
+            let dy = randn(&[k, m], 2);
+            let x = randn(&[k + 3, n], 3).narrow(0, 3, k).unwrap(); // starts at an offset
+            let expected = (acc.copy().unwrap() + dy.t().unwrap().matmul(&x).unwrap()).unwrap();
+            accumulate_matmul(&mut acc, &dy.t().unwrap(), &x).unwrap();
+            assert!(max_diff(&alias, &expected) < 1e-4, "{m}x{n}x{k}");
+            // Both operands transposed views.
+            let expected = (acc.copy().unwrap()
+                + dy.t().unwrap().matmul(&x.t().unwrap().contiguous().unwrap().t().unwrap()))
+            .unwrap();
+            let xt = x.t().unwrap().contiguous().unwrap();
+            accumulate_matmul(&mut acc, &dy.t().unwrap(), &xt.t().unwrap()).unwrap();
+            assert!(max_diff(&acc, &expected) < 1e-4, "{m}x{n}x{k} (transposed)");
+            let mut acc64 = f64(&acc);
+            let expected = (f64(&acc) + f64(&dy).t().unwrap().matmul(&f64(&x)).unwrap()).unwrap();
+            accumulate_matmul(&mut acc64, &f64(&dy).t().unwrap(), &f64(&x)).unwrap();
+            assert!(max_diff(&acc64, &expected) < 1e-12);
+        }
+        let mut acc = randn(&[4, 5], 1);
+        assert!(accumulate_matmul(&mut acc, &randn(&[4, 3], 2), &randn(&[2, 5], 3)).is_err());
     }
 }
