@@ -22,6 +22,7 @@ use serde_json::json;
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> BoxResult<()> {
+    dpo_common::model::ops::fix_thread_count(); // as the binaries do
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [model_path, data, rest @ ..] = args.as_slice() else {
         return Err("usage: bench_model MODEL HH_JSONL_GZ [N]".into());

@@ -42,6 +42,7 @@ const MIB: f64 = (1u64 << 20) as f64;
 static ALLOCATOR: CountingAlloc = CountingAlloc;
 
 fn main() -> BoxResult<()> {
+    dpo_common::model::ops::fix_thread_count(); // as the trainer does
     use_one_malloc_arena();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let pairs: usize = args.first().map_or(Ok(1), |s| s.parse())?;

@@ -20,7 +20,8 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    // Before any thread exists (see the function's note: freed activations per thread).
+    // Before any thread exists (see the functions' notes).
+    dpo_common::model::ops::fix_thread_count();
     dpo_common::memory::use_one_malloc_arena();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -111,8 +111,13 @@ where
     Ok(Run { seconds: started.elapsed().as_secs_f64(), latencies })
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // As the server does, before the runtime's threads exist.
+    dpo_common::model::ops::fix_thread_count();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async_main())
+}
+
+async fn async_main() -> Result<()> {
     let args = Args::parse();
     let (model, hh) = (args.model.clone(), args.hh.clone());
     let engine = tokio::task::spawn_blocking(move || {

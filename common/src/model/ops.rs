@@ -40,6 +40,19 @@ pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+/// Fixes the CPU thread count candle's kernels use by setting `RAYON_NUM_THREADS` (unless
+/// the user set it) to the count candle would pick. Without it candle 0.11 works the count
+/// out again on every matmul and many other ops, reading `/proc/cpuinfo` each time
+/// (`num_cpus::get_physical`): ~270 reads per SmolLM2 forward, 3-7% of its time here.
+/// rayon's pool gets the same count. Call it first thing in `main`, before any other thread
+/// exists: the environment must not change while another thread may read it.
+pub fn fix_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+}
+
 /// Below this many elements a kernel runs on the calling thread: handing a few thousand
 /// floats to the thread pool costs more than it saves.
 const PAR_MIN_ELEMS: usize = 1 << 15;
