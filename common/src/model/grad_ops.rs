@@ -310,18 +310,18 @@ impl InplaceOp3 for AddMatmul {
             CpuStorage::F32(d) => &mut d[start..end],
             _ => candle_core::bail!("add-matmul expects an f32 accumulator"),
         };
+        if m * n * k == 0 {
+            return Ok(());
+        }
         let (a, b) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
         // The last element each operand reads must lie in its storage (the kernel takes raw
-        // pointers).
+        // pointers; every dim is at least 1 here).
         let reach = |l: &Layout, len: usize| {
             let last: usize = l.dims().iter().zip(l.stride()).map(|(d, s)| (d - 1) * s).sum();
-            m * n * k == 0 || l.start_offset() + last < len
+            l.start_offset() + last < len
         };
         if !reach(a_l, a.len()) || !reach(b_l, b.len()) {
             candle_core::bail!("add-matmul: an operand's layout reaches past its storage");
-        }
-        if m * n * k == 0 {
-            return Ok(());
         }
         let threads = rayon::current_num_threads();
         let parallelism =
@@ -453,5 +453,11 @@ mod tests {
         }
         let mut acc = randn(&[4, 5], 1);
         assert!(accumulate_matmul(&mut acc, &randn(&[4, 3], 2), &randn(&[2, 5], 3)).is_err());
+        // An empty inner dimension adds nothing.
+        let before = acc.copy().unwrap();
+        let empty = Tensor::zeros((4, 0), DType::F32, &candle_core::Device::Cpu).unwrap();
+        let empty_t = Tensor::zeros((0, 5), DType::F32, &candle_core::Device::Cpu).unwrap();
+        accumulate_matmul(&mut acc, &empty, &empty_t).unwrap();
+        assert_eq!(max_diff(&acc, &before), 0.0);
     }
 }
