@@ -14,7 +14,7 @@ use dpo_common::model::backward::{backward, forward_sequences, forward_shared, z
 use dpo_common::model::backward::{
     backward_after_prefix, forward_prefix, forward_shared_after, prefix_backward,
 };
-use dpo_common::model::{load_model, Mode};
+use dpo_common::model::{load_model, Llama, Mode};
 use dpo_common::prefix::{usable_prefix_len, PrefixCache, DEFAULT_MIN_PREFIX_TOKENS};
 use dpo_common::template::Template;
 use serde_json::json;
@@ -28,7 +28,7 @@ fn main() -> BoxResult<()> {
         return Err("usage: bench_model MODEL HH_JSONL_GZ [N]".into());
     };
     let n: usize = rest.first().map_or(Ok(16), |s| s.parse())?;
-    let reference = load_model(model_path.as_ref(), Mode::Frozen, DType::F32, &Device::Cpu)?;
+    let mut reference = load_model(model_path.as_ref(), Mode::Frozen, DType::F32, &Device::Cpu)?;
     let tok = &reference.tokenizer;
 
     let (pairs, _) = read_hh_file(data.as_ref(), "hh")?;
@@ -57,14 +57,21 @@ fn main() -> BoxResult<()> {
 
     // Warm-up: first-touch allocation and thread-pool start are not what we measure.
     response_logprobs(&reference.model, &examples[0])?;
-
-    let t = Instant::now();
-    for ex in &examples {
-        for s in ex {
-            response_logprobs(&reference.model, std::slice::from_ref(s))?;
+    let score_bs1 = |model: &Llama| -> BoxResult<f64> {
+        let t = Instant::now();
+        for ex in &examples {
+            for s in ex {
+                response_logprobs(model, std::slice::from_ref(s))?;
+            }
         }
-    }
-    report("score_forward_bs1", t.elapsed().as_secs_f64());
+        Ok(t.elapsed().as_secs_f64())
+    };
+    // The weights as loaded (gemm repacks them on every call), then packed once as the
+    // reference server and dpo-eval hold them; every later reference measure is packed.
+    report("score_forward_bs1_unpacked", score_bs1(&reference.model)?);
+    reference.model.pack_for_inference()?;
+    response_logprobs(&reference.model, &examples[0])?;
+    report("score_forward_bs1", score_bs1(&reference.model)?);
 
     let t = Instant::now();
     for ex in &examples {

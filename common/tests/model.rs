@@ -118,6 +118,56 @@ fn frozen_and_trainable_give_identical_numbers() {
     assert!(dpo_common::model::ops::is_tracked(&t));
 }
 
+/// Packing a frozen model for inference changes the layout, not the model: the same
+/// log-probs (up to the rounding of gemm's inner blocking), the same parameters when unpacked,
+/// the same fingerprint, and no gradients.
+#[test]
+fn packed_model_scores_like_the_dense_one() {
+    for spec in [TinySpec::default(), TinySpec { tied: true, ..TinySpec::default() }] {
+        let dense = tiny_model(&spec, Mode::Frozen, DType::F32);
+        let mut packed = dense.clone();
+        assert!(packed.pack_for_inference().unwrap());
+        let (a, b) = (sums(&dense, &seqs()), sums(&packed, &seqs()));
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "dense {x} vs packed {y}");
+        }
+        // Per sequence too (one token row per call: the smallest matmuls).
+        for s in seqs() {
+            let one = sums(&packed, std::slice::from_ref(&s))[0];
+            let want = sums(&dense, std::slice::from_ref(&s))[0];
+            assert!((one - want).abs() <= 1e-5 * want.abs().max(1.0));
+        }
+        // Unpacked on demand, bit for bit, in the canonical order.
+        assert_eq!(packed.params().len(), dense.params().len());
+        for ((na, ta), (nb, tb)) in dense.params().iter().zip(packed.params()) {
+            assert_eq!(na, nb);
+            let diff = (ta - tb).unwrap().abs().unwrap().sum_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{na}");
+        }
+        let tok = tiny_tokenizer();
+        assert_eq!(
+            dpo_common::fingerprint::model_fingerprint(&packed, &tok).unwrap(),
+            dpo_common::fingerprint::model_fingerprint(&dense, &tok).unwrap()
+        );
+        // A frozen view shares the packed weights; the backward refuses them.
+        assert_eq!(sums(&packed.frozen_view().unwrap(), &seqs()), b);
+        let pass = dpo_common::model::backward::forward_sequences(&packed, &seqs(), false);
+        let err = pass
+            .and_then(|p| {
+                let mut g = dpo_common::model::backward::zero_grads(&packed)?;
+                dpo_common::model::backward::backward(p, &[1.0, 1.0, 1.0], &mut g)
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("packed for inference"), "{err}");
+    }
+    // Only frozen CPU f32 models are packed.
+    let mut trainable = tiny_model(&TinySpec::default(), Mode::Trainable, DType::F32);
+    assert!(!trainable.pack_for_inference().unwrap());
+    let mut bf16 = tiny_model(&TinySpec::default(), Mode::Frozen, DType::BF16);
+    assert!(!bf16.pack_for_inference().unwrap());
+}
+
 /// d(sum of response log-probs)/d(weight) by autograd vs central finite differences, in f64
 /// (composite ops), on a few entries of several tensors.
 #[test]

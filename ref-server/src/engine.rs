@@ -58,7 +58,7 @@ impl Engine {
         let device = parse_device(device)?;
         let dtype = parse_dtype(dtype)?;
         let started = std::time::Instant::now();
-        let loaded = load_model(model, Mode::Frozen, dtype, &device)
+        let mut loaded = load_model(model, Mode::Frozen, dtype, &device)
             .with_context(|| format!("cannot load the reference model {}", model.display()))?;
         let cfg = loaded.model.config().clone();
         let limits = limits
@@ -83,12 +83,15 @@ impl Engine {
             max_message_bytes: limits.max_message_bytes as u64,
             batch_token_budget: limits.batch_token_budget as u32,
         };
+        // After the fingerprint and the parameter count, which read the dense weights.
+        let packed = loaded.model.pack_for_inference()?;
         tracing::info!(
             source = %info.source,
             fingerprint = %info.fingerprint,
             device = %info.device,
             dtype = %info.dtype,
             parameters = num_parameters,
+            packed_for_cpu = packed,
             "model loaded in {:.1}s",
             started.elapsed().as_secs_f64()
         );

@@ -325,7 +325,7 @@ fn backward_here(
     drop(logits);
     let head = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
     accumulate_matmul(&mut grads[index.get(head)], &dlogits.t()?, &hidden)?;
-    let dhidden = dlogits.matmul(model.lm_head())?; // [N, H]
+    let dhidden = dlogits.matmul(model.lm_head()?)?; // [N, H]
     drop(dlogits);
     let (bt, h) = last.dims2()?;
     let dnormed = Tensor::zeros((bt, h), dtype, &device)?.index_add(&batch.rows, &dhidden, 0)?;
@@ -399,7 +399,7 @@ fn layer_backward(
     from_rows: Option<(&Tensor, &Tensor)>,
 ) -> Result<Tensor> {
     let cfg = model.config();
-    let w = model.layer_weights(i);
+    let w = model.layer_weights(i)?;
     let eps = cfg.rms_norm_eps;
     let (b, t) = (ctx.b, ctx.t);
     let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);

@@ -6,6 +6,7 @@ pub mod grad_ops;
 pub mod llama;
 pub mod load;
 pub mod ops;
+mod packed;
 pub mod save;
 
 pub use config::{LlamaConfig, RopeScaling};

@@ -228,8 +228,9 @@ impl ModelArgs {
             (Some(path), None) => {
                 let device = dpo_common::device::parse_device(&self.device)?;
                 let dtype = parse_dtype(&self.dtype)?;
-                let loaded = load_model(path, Mode::Frozen, dtype, &device)
+                let mut loaded = load_model(path, Mode::Frozen, dtype, &device)
                     .with_context(|| format!("loading {}", path.display()))?;
+                loaded.model.pack_for_inference()?;
                 Backend::Local(Box::new(Local { loaded, model_arg: path.display().to_string() }))
             }
             (None, Some(_)) => {
