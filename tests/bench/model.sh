@@ -33,6 +33,7 @@ t_fb = t_dpo["tokens"] / (t_dpo["seconds"] - torch["score_forward_bs1"]["seconds
 # Token rates count every sequence's tokens, prompt included, as torch processes them: with
 # the prompt shared, the same log-probs cost fewer tokens of compute.
 rows = [
+    ("forward, batch 1, weights not packed (tokens/s)", ours["score_forward_bs1_unpacked"]["tokens_per_s"], t_fwd),
     ("forward, batch 1 (tokens/s)", ours["score_forward_bs1"]["tokens_per_s"], t_fwd),
     ("forward, chosen+rejected padded (tokens/s)", ours["score_forward_pair_batch"]["tokens_per_s"], t_fwd),
     ("forward, chosen+rejected shared prompt (tokens/s)", ours["score_forward_pair_shared"]["tokens_per_s"], t_fwd),

@@ -8,6 +8,7 @@ pub mod load;
 pub mod ops;
 mod packed;
 pub mod save;
+mod vexp;
 
 pub use config::{LlamaConfig, RopeScaling};
 pub use llama::{LayerContext, Llama, Mode, PrefixKv, TokenLayout};

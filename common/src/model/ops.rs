@@ -166,16 +166,9 @@ impl CustomOp1 for Softmax {
     }
 }
 
-/// Softmax of one row in place; the sum accumulates in f64 (see `row_logsumexp`).
+/// Softmax of one row in place, vectorised (see `vexp`).
 fn softmax_in_place(r: &mut [f32]) {
-    let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
-    for y in r.iter_mut() {
-        *y = (*y - m).exp();
-        sum += *y as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    r.iter_mut().for_each(|y| *y *= inv);
+    super::vexp::softmax_row(r)
 }
 
 /// Softmax over the last dimension. Rows must hold at least one finite value.
@@ -297,10 +290,7 @@ impl CustomOp2 for SwiGlu {
         let n = *gl.dims().last().unwrap_or(&1);
         let mut out = vec![0f32; gate.len()];
         for_each_row(&mut out, n, |i, yr| {
-            let (gr, ur) = (&gate[i * n..(i + 1) * n], &up[i * n..(i + 1) * n]);
-            for ((y, &g), &u) in yr.iter_mut().zip(gr).zip(ur) {
-                *y = silu(g) * u;
-            }
+            super::vexp::swiglu_row(yr, &gate[i * n..(i + 1) * n], &up[i * n..(i + 1) * n]);
         });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
