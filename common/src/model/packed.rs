@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::ops::{slice, CResult};
@@ -95,10 +95,17 @@ pub(crate) struct PackedMatrix {
 }
 
 impl PackedMatrix {
-    /// Packs a `[rows, cols]` tensor (any dtype, any device; it is read to the host as f32).
+    /// Packs a `[rows, cols]` CPU tensor (converted to f32 first if it is not).
     pub fn pack(w: &Tensor) -> Result<Self> {
         let (rows, cols) = w.dims2()?;
-        let src = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        // Read in place: a copy of the largest matrix (the embeddings) would add to the
+        // server's peak memory at start-up.
+        let w = w.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            return Err(Error::Unsupported("packing weights that are not on the CPU".into()));
+        };
+        let src = slice::<f32>(cpu, layout)?;
         let panels = rows.div_ceil(PANEL);
         let mut data = vec![0f32; panels * PANEL * cols];
         for (q, panel) in data.chunks_mut(PANEL * cols).enumerate() {
