@@ -351,9 +351,9 @@ impl Llama {
 
     /// Lays the projection and embedding weights of a frozen CPU f32 model out once for the
     /// CPU matmul kernel (see `model::packed`), so that no pass repacks them (a lone SmolLM2
-    /// sequence: 478 -> 526 tokens/s, `bench_model`). The packed weights replace the dense ones (no extra
-    /// memory); [`params`](Self::params) unpacks a copy if called afterwards, so compute
-    /// what needs them (the fingerprint) first. Returns whether anything was packed: a
+    /// sequence: +7-14%, `tests/bench/model.sh`). The packed weights replace the dense ones
+    /// (no extra memory); [`params`](Self::params) unpacks a copy if called afterwards, so
+    /// compute what needs them (the fingerprint) first. Returns whether anything was packed: a
     /// trainable model, another device or dtype stays as it is.
     pub fn pack_for_inference(&mut self) -> Result<bool> {
         if self.mode != Mode::Frozen || !self.device.is_cpu() || self.dtype != DType::F32 {
