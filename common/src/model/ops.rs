@@ -156,7 +156,7 @@ impl CustomOp1 for Softmax {
         let mut out = vec![0f32; x.len()];
         for_each_row(&mut out, n, |i, yr| {
             yr.copy_from_slice(&x[i * n..(i + 1) * n]);
-            softmax_in_place(yr);
+            super::vexp::softmax_row(yr);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -164,11 +164,6 @@ impl CustomOp1 for Softmax {
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
         Ok(Some(grad_ops::softmax_grad(y, g, 1.0)?))
     }
-}
-
-/// Softmax of one row in place, vectorised (see `vexp`).
-fn softmax_in_place(r: &mut [f32]) {
-    super::vexp::softmax_row(r)
 }
 
 /// Softmax over the last dimension. Rows must hold at least one finite value.
@@ -215,7 +210,7 @@ impl CustomOp2 for MaskedSoftmax {
             for ((y, &v), &m) in yr.iter_mut().zip(&x[i * s..(i + 1) * s]).zip(mr) {
                 *y = v * scale + m;
             }
-            softmax_in_place(yr);
+            super::vexp::softmax_row(yr);
         });
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
@@ -548,8 +543,12 @@ pub(crate) mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    pub(crate) fn max_abs(t: &Tensor) -> f32 {
+        t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        max_abs(&(a - b).unwrap())
     }
 
     /// Runs `f` through the fast custom op (f32 on CPU) and through the composite fallback

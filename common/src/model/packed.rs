@@ -261,6 +261,7 @@ impl CustomOp1 for PackedMatmulT<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ops::tests::{max_abs, max_diff};
     use candle_core::Device;
 
     fn matrix(rows: usize, cols: usize, seed: u32) -> Tensor {
@@ -273,17 +274,13 @@ mod tests {
         Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
     }
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-    }
-
     #[test]
     fn packing_round_trips_for_any_row_count() {
         for rows in [1, 31, 32, 33, 100] {
             let w = matrix(rows, 7, rows as u32);
             let p = PackedMatrix::pack(&w).unwrap();
             assert_eq!(p.dims(), (rows, 7));
-            assert_eq!(max_abs_diff(&p.unpack().unwrap(), &w), 0.0, "{rows} rows");
+            assert_eq!(max_diff(&p.unpack().unwrap(), &w), 0.0, "{rows} rows");
         }
     }
 
@@ -296,16 +293,8 @@ mod tests {
             let want = x.matmul(&w.t().unwrap()).unwrap();
             let got = PackedMatrix::pack(&w).unwrap().matmul_t(&x).unwrap();
             assert_eq!(got.dims(), [m, n]);
-            let scale = want
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(max_abs_diff(&got, &want) <= 1e-5 * scale.max(1.0), "{m}x{n}x{k}");
+            let scale = max_abs(&want);
+            assert!(max_diff(&got, &want) <= 1e-5 * scale.max(1.0), "{m}x{n}x{k}");
         }
     }
 
@@ -322,7 +311,7 @@ mod tests {
             .unwrap()
             .matmul(&w.unpack().unwrap().t().unwrap())
             .unwrap();
-        assert!(max_abs_diff(&got.reshape((6, 40)).unwrap(), &want) < 1e-5);
+        assert!(max_diff(&got.reshape((6, 40)).unwrap(), &want) < 1e-5);
     }
 
     #[test]
@@ -337,7 +326,7 @@ mod tests {
         let want =
             Tensor::cat(&[dense.narrow(0, 9, 1).unwrap(), dense.narrow(0, 0, 1).unwrap()], 0)
                 .unwrap();
-        assert_eq!(max_abs_diff(&rows, &want), 0.0);
+        assert_eq!(max_diff(&rows, &want), 0.0);
     }
 
     #[test]
