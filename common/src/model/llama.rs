@@ -218,58 +218,75 @@ fn is_ignorable(name: &str, cfg: &LlamaConfig) -> bool {
     name.ends_with("rotary_emb.inv_freq") || (cfg.tie_word_embeddings && name == "lm_head.weight")
 }
 
+/// Tensors under their Hugging Face names.
+type NamedParams = Vec<(String, Tensor)>;
+
+/// Takes every parameter `cfg` implies out of `weights` (under Hugging Face names), checked
+/// against its expected shape and converted to `dtype` on `device`, in the order of
+/// [`expected_params`]; trainable ones become `Var`s (returned too). A missing tensor, a
+/// wrong shape or a tensor the architecture does not use (a different model) is an error.
+fn take_params(
+    cfg: &LlamaConfig,
+    mut weights: HashMap<String, Tensor>,
+    mode: Mode,
+    dtype: DType,
+    device: &Device,
+) -> Result<(NamedParams, Vec<Var>)> {
+    let mut params = Vec::new();
+    let mut vars = Vec::new();
+    for (name, shape) in expected_params(cfg) {
+        let t = weights.remove(&name).ok_or_else(|| Error::Weight {
+            name: name.clone(),
+            message: "missing from the checkpoint".into(),
+        })?;
+        if t.dims() != shape.as_slice() {
+            return Err(Error::Weight {
+                name,
+                message: format!(
+                    "shape {:?} does not match the config, which implies {shape:?}",
+                    t.dims()
+                ),
+            });
+        }
+        let t = t.to_device(device)?.to_dtype(dtype)?;
+        let t = match mode {
+            Mode::Frozen => t,
+            Mode::Trainable => {
+                let var = Var::from_tensor(&t)?;
+                let t = var.as_tensor().clone();
+                vars.push(var);
+                t
+            }
+        };
+        params.push((name, t));
+    }
+    let mut unknown: Vec<_> = weights.keys().filter(|n| !is_ignorable(n, cfg)).collect();
+    if !unknown.is_empty() {
+        unknown.sort();
+        return Err(Error::Weight {
+            name: unknown[0].clone(),
+            message: format!(
+                "not part of a Llama model with this config ({} unexpected tensors in all)",
+                unknown.len()
+            ),
+        });
+    }
+    Ok((params, vars))
+}
+
 impl Llama {
     /// Builds the model from weights under Hugging Face names, converting each to `dtype`
     /// on `device`. Every expected tensor must be present with the expected shape; a tensor
     /// the architecture does not use is an error too (it means a different model).
     pub fn from_weights(
         cfg: LlamaConfig,
-        mut weights: HashMap<String, Tensor>,
+        weights: HashMap<String, Tensor>,
         mode: Mode,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
-        let mut params = Vec::new();
-        let mut vars = Vec::new();
-        for (name, shape) in expected_params(&cfg) {
-            let t = weights.remove(&name).ok_or_else(|| Error::Weight {
-                name: name.clone(),
-                message: "missing from the checkpoint".into(),
-            })?;
-            if t.dims() != shape.as_slice() {
-                return Err(Error::Weight {
-                    name,
-                    message: format!(
-                        "shape {:?} does not match the config, which implies {shape:?}",
-                        t.dims()
-                    ),
-                });
-            }
-            let t = t.to_device(device)?.to_dtype(dtype)?;
-            let t = match mode {
-                Mode::Frozen => t,
-                Mode::Trainable => {
-                    let var = Var::from_tensor(&t)?;
-                    let t = var.as_tensor().clone();
-                    vars.push(var);
-                    t
-                }
-            };
-            params.push((name, t));
-        }
-        let mut unknown: Vec<_> = weights.keys().filter(|n| !is_ignorable(n, &cfg)).collect();
-        if !unknown.is_empty() {
-            unknown.sort();
-            return Err(Error::Weight {
-                name: unknown[0].clone(),
-                message: format!(
-                    "not part of a Llama model with this config ({} unexpected tensors in all)",
-                    unknown.len()
-                ),
-            });
-        }
-
+        let (params, vars) = take_params(&cfg, weights, mode, dtype, device)?;
         let by_name: HashMap<&str, &Tensor> = params.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let get = |n: &str| by_name[n].clone();
         let dense = |n: &str| Weight::Dense(get(n));
