@@ -1,4 +1,4 @@
-//! Gradients of the forward ops in [`ops`](super::ops), as explicit functions: the
+//! Gradients of the forward ops in `model::ops`, as explicit functions: the
 //! hand-written backward of the Llama layer (`model::backward`) calls them directly, and the
 //! custom ops' autograd `bwd` calls them too, so both backwards share one implementation.
 //!

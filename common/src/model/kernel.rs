@@ -1,4 +1,4 @@
-//! What the CPU kernels of [`ops`](super::ops) and [`grad_ops`](super::grad_ops) share:
+//! What the CPU kernels of `ops` and `grad_ops` share:
 //! when a tensor takes the hand-written f32 path, how a kernel reads its arguments, and how
 //! it spreads rows over the thread pool.
 
