@@ -1,6 +1,5 @@
-//! What the CPU kernels of `ops` and `grad_ops` share:
-//! when a tensor takes the hand-written f32 path, how a kernel reads its arguments, and how
-//! it spreads rows over the thread pool.
+//! What the CPU kernels of `ops` and `grad_ops` share: when a tensor takes the hand-written
+//! f32 path, how a kernel reads its arguments, and how it spreads rows over the thread pool.
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 use rayon::prelude::*;
