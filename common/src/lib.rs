@@ -14,6 +14,7 @@ pub mod memory;
 pub mod model;
 pub mod prefix;
 pub mod sround;
+pub mod startup;
 pub mod template;
 #[doc(hidden)]
 pub mod testing;
