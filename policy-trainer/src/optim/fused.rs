@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, InplaceOp3, Layout, Tensor};
 use rayon::prelude::*;
 
-use super::RmsPropConfig;
+use super::config::RmsPropConfig;
 
 type CResult<T> = candle_core::Result<T>;
 
