@@ -15,6 +15,7 @@ pub mod batcher;
 pub mod config;
 pub mod connect;
 pub mod engine;
+pub mod eval;
 pub mod message_limit;
 pub mod score_cli;
 pub mod server;
