@@ -17,6 +17,7 @@ pub mod batcher;
 pub mod config;
 pub mod connect;
 pub mod engine;
+pub mod eval;
 pub mod health_cli;
 pub mod message_limit;
 pub mod score_cli;
