@@ -65,28 +65,9 @@ bounded() {
 }
 
 # wait_serving URL SECS PID: waits until the server at URL (process PID) reports SERVING
-# through its health check, at most SECS seconds. Fails at once if PID exits.
+# through its health check, at most SECS seconds; fails at once if PID exits.
 wait_serving() {
-  local url=$1 secs=$2 pid=$3
-  if [[ $("$bin/ref-server" health --help 2>/dev/null) == *--wait* ]]; then
-    # The health command waits by itself; this only watches the server meanwhile.
-    "$bin/ref-server" health --server "$url" --wait "$secs" >/dev/null 2>&1 &
-    local waiter=$! rc=0
-    while kill -0 "$waiter" 2>/dev/null; do
-      if ! kill -0 "$pid" 2>/dev/null; then stop_pid "$waiter"; return 1; fi
-      sleep 0.5
-    done
-    wait "$waiter" || rc=$?
-    return "$rc"
-  fi
-  # A ref-server without `health --wait`: poll the health check until the deadline.
-  local deadline=$(($(date +%s) + secs))
-  while (($(date +%s) < deadline)); do
-    kill -0 "$pid" 2>/dev/null || return 1
-    "$bin/ref-server" health --server "$url" >/dev/null 2>&1 && return 0
-    sleep 0.5
-  done
-  return 1
+  "$bin/ref-server" health --server "$1" --wait "$2" --server-pid "$3" >/dev/null
 }
 
 # start_server SECS LOG SERVE-ARGS...: starts `ref-server serve` on a free loopback port in

@@ -158,7 +158,7 @@ fn trainer_and_server_in_separate_network_namespaces_with_auth() {
     let out_dir = dir.path().join("run");
     let ok = train(&hosts, &model, &url, Some(&token), &out_dir);
     assert!(ok.status.success(), "trainer failed:\n{}", String::from_utf8_lossy(&ok.stderr));
-    let records = read_jsonl(&out_dir.join("metrics.jsonl"));
+    let records = read_jsonl(&out_dir.join(policy_trainer::metrics::METRICS_FILE));
     let steps = records.iter().filter(|r| r["kind"] == "train").count();
     assert_eq!(steps, 3, "three steps across the link");
     let first_eval = records.iter().find(|r| r["kind"] == "eval").unwrap();

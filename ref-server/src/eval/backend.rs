@@ -64,17 +64,13 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// Connects, checks the server is SERVING and reads what model it holds.
+    /// Connects, waiting up to the connect timeout for the server to be SERVING (it may
+    /// still be loading its model), and reads what model it holds.
     pub async fn connect(opts: &ClientOptions, in_flight: usize) -> Result<Remote> {
-        let url = &opts.url;
         // Client errors name the URL themselves.
-        let client =
-            RefClient::connect(opts).await.context("connecting to the server under test")?;
-        if !client.health().await.context("checking the health of the server under test")? {
-            bail!(
-                "the server under test at {url} is up but NOT_SERVING (still loading its model?)"
-            );
-        }
+        let client = RefClient::connect_waiting(opts)
+            .await
+            .context("connecting to the server under test")?;
         let info =
             client.model_info().await.context("asking the server under test for its model")?;
         Ok(Remote { client, info, in_flight: in_flight.max(1) })
