@@ -103,8 +103,14 @@ pub enum ClientError {
 
     /// [`RefClient::wait_until_serving`] ran out of time; `last` is why the last attempt
     /// was not ready (connection refused, still loading, ...).
-    #[error("reference server at {url} was not SERVING within {}s; last: {last}", waited.as_secs_f64().round())]
-    NotServing { url: String, waited: Duration, last: String },
+    /// `answered`: whether the server answered at all on the last attempt (it was up but
+    /// not SERVING) or stayed unreachable.
+    #[error(
+        "reference server at {url} {} for {}s; last: {last}",
+        if *answered { "was up but not SERVING" } else { "was unreachable" },
+        waited.as_secs_f64().round()
+    )]
+    NotServing { url: String, waited: Duration, answered: bool, last: String },
 }
 
 impl ClientError {
@@ -256,27 +262,29 @@ impl RefClient {
         loop {
             // Each attempt gets at least a moment, so that a zero patience still tries once.
             let limit = deadline.saturating_duration_since(Instant::now()).max(MIN_ATTEMPT);
-            let last = match tokio::time::timeout(limit, Self::connect_if_serving(opts)).await {
-                Ok(Ok(client)) => {
-                    if announced {
-                        tracing::info!(
-                            "reference server at {} is SERVING after {:.1}s",
-                            client.url,
-                            started.elapsed().as_secs_f64()
-                        );
+            let (answered, last) =
+                match tokio::time::timeout(limit, Self::connect_if_serving(opts)).await {
+                    Ok(Ok(client)) => {
+                        if announced {
+                            tracing::info!(
+                                "reference server at {} is SERVING after {:.1}s",
+                                client.url,
+                                started.elapsed().as_secs_f64()
+                            );
+                        }
+                        return Ok(client);
                     }
-                    return Ok(client);
-                }
-                Ok(Err(e)) if !e.is_retryable() => return Err(e),
-                Ok(Err(e)) => e.reason(),
-                Err(_) => format!("no answer within {:.1}s", limit.as_secs_f64()),
-            };
+                    Ok(Err(e)) if !e.is_retryable() => return Err(e),
+                    Ok(Err(e)) => (matches!(e, ClientError::Status { .. }), e.reason()),
+                    Err(_) => (false, format!("no answer within {:.1}s", limit.as_secs_f64())),
+                };
             let url = opts.url.trim();
             let now = Instant::now();
             if now >= deadline {
                 return Err(ClientError::NotServing {
                     url: url.to_string(),
                     waited: started.elapsed(),
+                    answered,
                     last,
                 });
             }
@@ -568,8 +576,8 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
         let msg = err.to_string();
         assert!(msg.contains(&format!("http://{addr}")), "{msg}");
-        assert!(msg.contains("NOT_SERVING"), "{msg}");
-        assert!(matches!(err, ClientError::NotServing { .. }));
+        assert!(msg.contains("NOT_SERVING") && msg.contains("up but not SERVING"), "{msg}");
+        assert!(matches!(err, ClientError::NotServing { answered: true, .. }));
 
         // Nothing listening: the last reason is the refused connection.
         let err = RefClient::wait_until_serving(
@@ -580,7 +588,7 @@ mod tests {
         .err()
         .expect("nothing listens there");
         let msg = err.to_string();
-        assert!(msg.contains("127.0.0.1:1") && msg.contains("not SERVING"), "{msg}");
+        assert!(msg.contains("127.0.0.1:1") && msg.contains("unreachable"), "{msg}");
     }
 
     #[tokio::test]

@@ -431,6 +431,6 @@ fn health_waits_for_a_server_started_later_and_gives_up_at_its_deadline() {
     assert!(!never.status.success());
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     let stderr = String::from_utf8_lossy(&never.stderr);
-    assert!(stderr.contains("http://127.0.0.1:1 was not SERVING within 1s"), "{stderr}");
+    assert!(stderr.contains("http://127.0.0.1:1 was unreachable for 1s"), "{stderr}");
     assert!(stderr.to_lowercase().contains("refused"), "{stderr}");
 }
