@@ -279,13 +279,14 @@ fn model_or_server_exactly_one_and_an_unreachable_server_is_named() {
     let e = eval_fails(&both);
     assert!(e.contains("--model") && e.contains("cannot be used with"), "{e}");
 
-    // Port 1 on loopback: nothing listens there.
+    // Port 1 on loopback: nothing listens there. The client waits its connect timeout
+    // for the server to come up, then names it.
     let e = eval_fails(
-        &["mmlu", "--by-logprob", "--server", "http://127.0.0.1:1", "--input"]
+        &["mmlu", "--by-logprob", "--server", "http://127.0.0.1:1", "--connect-timeout", "1"]
             .into_iter()
-            .chain([fixture("mmlu").to_str().unwrap(), "--out", out])
+            .chain(["--input", fixture("mmlu").to_str().unwrap(), "--out", out])
             .collect::<Vec<_>>(),
     );
-    assert!(e.contains("cannot reach") && e.contains("http://127.0.0.1:1"), "{e}");
+    assert!(e.contains("unreachable") && e.contains("http://127.0.0.1:1"), "{e}");
     assert!(!Path::new(out).exists(), "no report from a failed run");
 }
