@@ -114,6 +114,6 @@ fn score_waits_for_a_server_that_is_still_loading() {
         .unwrap();
     assert!(!failed.status.success());
     let stderr = String::from_utf8_lossy(&failed.stderr);
-    assert!(stderr.contains("http://127.0.0.1:1") && stderr.contains("not SERVING"), "{stderr}");
+    assert!(stderr.contains("http://127.0.0.1:1") && stderr.contains("unreachable"), "{stderr}");
     assert!(t.elapsed() < std::time::Duration::from_secs(10));
 }

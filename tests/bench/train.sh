@@ -10,6 +10,10 @@
 # Needs the PyTorch venv of ../shared/bench/README.md (TORCH_PY, default
 # /tmp/torchvenv/bin/python, with transformers and trl) and the float32 HF conversion of the
 # GGUF (SMOLLM2_HF, default /tmp/smollm2-hf). Run on an otherwise idle machine.
+#
+# BASELINE_BIN=DIR adds two rows for another build of ours (DIR holding its release
+# `ref-server` and `policy-trainer`, e.g. an earlier commit's), measured in the same
+# invocation: the way to tell a change in our speed from a change in the host's.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 n=${1:-16}
@@ -47,41 +51,49 @@ with open(out, "w") as f:
 PY
 
 # One run of ours: a fresh server (no cached reference scores) and one optimizer step over
-# all N pairs. Prints a JSON line.
+# all N pairs. Prints a JSON line. `ours MICRO [BIN NAME]`: another build's binaries.
 ours() {
-  local micro=$1 dir=$work/run-$1
+  local micro=$1 run_bin=${2:-$bin} name=${3:-ours} dir=$work/run-${3:-ours}-$1
   mkdir -p "$dir"
   /usr/bin/time -f '%M' -o "$dir/server.rss" \
-    "$bin/ref-server" serve --model "$gguf" --listen 127.0.0.1:0 >"$dir/server.out" 2>"$dir/server.log" &
+    "$run_bin/ref-server" serve --model "$gguf" --listen 127.0.0.1:0 >"$dir/server.out" 2>"$dir/server.log" &
   server_pid=$!
   local addr="" tries=0
   until [[ -n $addr ]]; do
     (( ++tries <= 300 )) || { echo "no 'listening on' line within 60 s" >&2; cat "$dir/server.log" >&2; return 1; }
     sleep 0.2; addr=$(sed -n 's/^listening on //p' "$dir/server.out")
   done
+  # This build's health check waits for either build's server.
   "$bin/ref-server" health --server "http://$addr" --wait 600 --server-pid "$server_pid" >/dev/null \
     || { cat "$dir/server.log" >&2; return 1; }
   /usr/bin/time -f '%M' -o "$dir/trainer.rss" \
-    "$bin/policy-trainer" train --model "$gguf" --ref-server "http://$addr" --data "$work/pairs.jsonl" \
+    "$run_bin/policy-trainer" train --model "$gguf" --ref-server "http://$addr" --data "$work/pairs.jsonl" \
       --out "$dir/out" --val-size 0 --batch-size "$n" --micro-batch "$micro" --max-steps 1 \
       --max-length 512 --length-policy drop --lr 1e-6 --no-progress 2>"$dir/trainer.log" >/dev/null \
     || { echo "the trainer failed (micro-batch $micro):" >&2; tail -n 20 "$dir/trainer.log" >&2; return 1; }
   # $server_pid is /usr/bin/time; the server is its child (time writes the RSS once it exits).
   pkill -TERM -P "$server_pid"; wait "$server_pid" || true; server_pid=""
-  python3 - "$dir" "$micro" <<'PY'
+  python3 - "$dir" "$micro" "$name" <<'PY'
 import json, sys
-d, micro = sys.argv[1], int(sys.argv[2])
+d, micro, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 rec = [json.loads(l) for l in open(f"{d}/out/metrics.jsonl") if '"train"' in l][0]
 # /usr/bin/time may prefix a "Command exited" line; the RSS (KiB) is the last line.
 rss = lambda f: int(open(f).read().split()[-1]) / 1024
-print(json.dumps(dict(measure=f"ours_mb{micro}", examples=rec["examples_seen"],
+print(json.dumps(dict(measure=f"{name}_mb{micro}", examples=rec["examples_seen"],
       examples_per_s=round(rec["examples_per_second"], 3), first_loss=rec["loss"],
       trainer_rss_mib=round(rss(f"{d}/trainer.rss")), server_rss_mib=round(rss(f"{d}/server.rss")))))
 PY
 }
 
 echo "running ours (micro-batch 1, then $mb)..." >&2
-{ ours 1; ours "$mb"; } | tee "$work/ours.jsonl" >&2
+{
+  ours 1
+  ours "$mb"
+  if [[ -n ${BASELINE_BIN:-} ]]; then
+    ours 1 "$BASELINE_BIN" baseline
+    ours "$mb" "$BASELINE_BIN" baseline
+  fi
+} | tee "$work/ours.jsonl" >&2
 echo "running the PyTorch loop..." >&2
 "$torch_py" ../shared/bench/torch_baseline.py "$hf" "$data" "$n" 2>/dev/null | tee "$work/torch.jsonl" >&2
 echo "running TRL's DPOTrainer..." >&2
@@ -98,10 +110,13 @@ print(f"| {'run':<44} | {'examples/s':>10} | {'vs PyTorch':>10} | {'vs TRL':>7} 
 print(f"|{'-'*46}|{'-'*12}|{'-'*12}|{'-'*9}|{'-'*24}|")
 def row(name, eps, rss):
     print(f"| {name:<44} | {eps:>10.3f} | {eps / torch['examples_per_s']:>9.2f}x | {eps / trl['examples_per_s']:>6.2f}x | {rss:>22} |")
-for m in ("ours_mb1", f"ours_mb{mb}"):
-    o = ours[m]
-    row(f"ours, micro-batch {m[7:]} (server + trainer)", o["examples_per_s"],
-        f"{o['trainer_rss_mib']} + {o['server_rss_mib']} (trainer {o['trainer_rss_mib'] / torch['peak_rss_mib']:.2f}x)")
+for who, label in (("ours", "ours"), ("baseline", "baseline build")):
+    for m in (f"{who}_mb1", f"{who}_mb{mb}"):
+        if m not in ours:
+            continue
+        o = ours[m]
+        row(f"{label}, micro-batch {m.rsplit('_mb', 1)[1]} (server + trainer)", o["examples_per_s"],
+            f"{o['trainer_rss_mib']} + {o['server_rss_mib']} (trainer {o['trainer_rss_mib'] / torch['peak_rss_mib']:.2f}x)")
 row("PyTorch loop (ref + policy, one process)", torch["examples_per_s"], f"{torch['peak_rss_mib']}")
 row("TRL DPOTrainer", trl["examples_per_s"], f"{trl['peak_rss_mib']}")
 print(f"\nfirst loss: ours {ours['ours_mb1']['first_loss']:.6f}, PyTorch {torch['first_loss']} (ln 2 = 0.693147)")
