@@ -20,4 +20,5 @@ pub mod optim;
 pub mod plot;
 pub mod ref_cache;
 pub mod ref_client;
+pub mod tensorboard;
 pub mod train;

@@ -12,7 +12,9 @@ Check mode: `--check FILE_OR_DIR` reads every record with TensorBoard's record r
 data CRCs verified, any error fatal) and then the scalars with
 `tensorboard.backend.event_processing.event_accumulator.EventAccumulator`, the loader behind
 TensorBoard's scalar dashboard, and prints them, so a person can confirm that a file the trainer
-wrote reads back as the values it logged.
+wrote reads back as the values it logged. A file from the Rust writer with the fixture's scalars:
+  TENSORBOARD_SAMPLE_DIR=/tmp/tb cargo test -p policy-trainer --test tensorboard_format \
+      write_sample_for_the_python_check -- --ignored
 
 Run: python make_tensorboard_fixture.py [--check FILE_OR_DIR]   (needs torch and tensorboard)
 """
