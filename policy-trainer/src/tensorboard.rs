@@ -11,9 +11,16 @@
 //!   carries `file_version: "brain.Event:2"`, each later one a `Summary` with one scalar in
 //!   `simple_value`, exactly as `SummaryWriter.add_scalar` writes it (one event per scalar).
 //!
+//! A run that continues from a checkpoint writes a new file that starts by marking the restart,
+//! as `SummaryWriter(purge_step=...)` does: a file-version event and a `SessionLog` START event
+//! at the first step the new file logs. TensorBoard then hides what earlier files in the
+//! directory logged at that step or later (the steps a crashed run took after its checkpoint,
+//! which the continued run takes again). [`read_scalars`] reads a directory the same way.
+//!
 //! Scalars are written a step at a time and flushed after each step, so a run that is killed
-//! keeps everything it logged. `tests/fixtures/tensorboard/` holds a file written by PyTorch
-//! that this writer reproduces byte for byte (`tests/tensorboard_format.rs`).
+//! keeps everything it logged. `tests/fixtures/tensorboard/` holds files written by PyTorch, a
+//! plain one and a restarted one, that this writer reproduces byte for byte
+//! (`tests/tensorboard_format.rs`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, ErrorKind, Write};
@@ -65,6 +72,13 @@ impl EventWriter {
         Self::from_writer(BufWriter::new(file), path, now.as_secs_f64())
     }
 
+    /// [`EventWriter::create`], then [`EventWriter::mark_restart`] at `first_step`.
+    pub fn create_starting_at(dir: &Path, first_step: i64) -> Result<Self> {
+        let mut writer = Self::create(dir)?;
+        writer.mark_restart(first_step)?;
+        Ok(writer)
+    }
+
     /// [`EventWriter::create`] when `enabled`, `None` otherwise: the trainer holds the result as
     /// `Option<EventWriter>` and logs through [`ScalarLog`] without checking at each call.
     pub fn create_if(enabled: bool, dir: &Path) -> Result<Option<Self>> {
@@ -85,6 +99,35 @@ impl<W: Write> EventWriter<W> {
     /// The file (or the label given to [`EventWriter::from_writer`]).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Marks that logging (re)starts at `first_step`: TensorBoard then hides every event that
+    /// the directory's earlier files hold at `first_step` or later. Stamped now, flushed.
+    pub fn mark_restart(&mut self, first_step: i64) -> Result<()> {
+        self.mark_restart_at(first_step, unix_now())
+    }
+
+    /// [`EventWriter::mark_restart`] with the given wall time: the two events
+    /// `SummaryWriter(purge_step=first_step)` writes after its file-version event, a second
+    /// file-version event and a `SessionLog` START, both at `first_step`.
+    pub fn mark_restart_at(&mut self, first_step: i64, wall_time: f64) -> Result<()> {
+        let file_version = proto::Event {
+            wall_time,
+            step: first_step,
+            what: Some(proto::event::What::FileVersion(FILE_VERSION.to_string())),
+            source_metadata: None,
+        };
+        let start = proto::Event {
+            wall_time,
+            step: first_step,
+            what: Some(proto::event::What::SessionLog(proto::SessionLog {
+                status: proto::session_log::SessionStatus::Start as i32,
+            })),
+            source_metadata: None,
+        };
+        self.write_event(&file_version)?;
+        self.write_event(&start)?;
+        self.flush()
     }
 
     /// One scalar, stamped now, flushed.
@@ -185,6 +228,65 @@ pub fn read_records(bytes: &[u8]) -> Result<Vec<&[u8]>> {
     Ok(records)
 }
 
+/// One scalar as TensorBoard shows it (`simple_value` is an f32).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scalar {
+    pub tag: String,
+    pub step: i64,
+    pub value: f32,
+    pub wall_time: f64,
+}
+
+/// The scalars of every event file in `dir` (names containing `tfevents`, not its
+/// subdirectories), as TensorBoard's loader shows the run: files in name order, events in file
+/// order, and a `SessionLog` START at step `s` dropping the scalars read so far at steps `>= s`.
+/// Each file's checksums are verified; an error names the file.
+pub fn read_scalars(dir: &Path) -> Result<Vec<Scalar>> {
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("listing the TensorBoard directory {}", dir.display()))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
+        let is_event_file =
+            path.file_name().is_some_and(|n| n.to_string_lossy().contains("tfevents"));
+        if is_event_file && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    let mut scalars = Vec::new();
+    for path in &files {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let records =
+            read_records(&bytes).with_context(|| format!("reading {}", path.display()))?;
+        for (i, data) in records.into_iter().enumerate() {
+            let event = proto::Event::decode(data)
+                .with_context(|| format!("{}: record {i} is not an Event", path.display()))?;
+            match event.what {
+                Some(proto::event::What::Summary(summary)) => {
+                    for value in summary.value {
+                        if let Some(proto::summary::value::Value::SimpleValue(v)) = value.value {
+                            scalars.push(Scalar {
+                                tag: value.tag,
+                                step: event.step,
+                                value: v,
+                                wall_time: event.wall_time,
+                            });
+                        }
+                    }
+                }
+                Some(proto::event::What::SessionLog(log))
+                    if log.status == proto::session_log::SessionStatus::Start as i32 =>
+                {
+                    scalars.retain(|s| s.step < event.step);
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(scalars)
+}
+
 fn read_u32(bytes: &[u8]) -> u32 {
     u32::from_le_bytes(bytes.try_into().expect("4 bytes"))
 }
@@ -248,14 +350,15 @@ fn scalar_event(tag: &str, value: f32, step: i64, wall_time: f64) -> proto::Even
 /// what makes the bytes match PyTorch's.
 mod proto {
     /// `Event`: `double wall_time = 1; int64 step = 2; oneof what { string file_version = 3;
-    /// Summary summary = 5; ... } SourceMetadata source_metadata = 10;`
+    /// Summary summary = 5; SessionLog session_log = 7; ... } SourceMetadata source_metadata =
+    /// 10;`
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Event {
         #[prost(double, tag = "1")]
         pub wall_time: f64,
         #[prost(int64, tag = "2")]
         pub step: i64,
-        #[prost(oneof = "event::What", tags = "3, 5")]
+        #[prost(oneof = "event::What", tags = "3, 5, 7")]
         pub what: Option<event::What>,
         #[prost(message, optional, tag = "10")]
         pub source_metadata: Option<SourceMetadata>,
@@ -268,6 +371,28 @@ mod proto {
             FileVersion(String),
             #[prost(message, tag = "5")]
             Summary(super::Summary),
+            #[prost(message, tag = "7")]
+            SessionLog(super::SessionLog),
+        }
+    }
+
+    /// `SessionLog`: `SessionStatus status = 1; ...` (the checkpoint path and message are not
+    /// written).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SessionLog {
+        #[prost(enumeration = "session_log::SessionStatus", tag = "1")]
+        pub status: i32,
+    }
+
+    pub mod session_log {
+        /// `SessionLog.SessionStatus`.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+        #[repr(i32)]
+        pub enum SessionStatus {
+            StatusUnspecified = 0,
+            Start = 1,
+            Stop = 2,
+            Checkpoint = 3,
         }
     }
 

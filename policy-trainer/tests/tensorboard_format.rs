@@ -1,13 +1,17 @@
 //! The TensorBoard event files the trainer writes, checked against the format without Python:
-//! CRC-32C known vectors, and the fixture that PyTorch's `SummaryWriter` wrote
-//! (`fixtures/tensorboard/`, made by `conformance/make_tensorboard_fixture.py`) reproduced byte
-//! for byte from the same scalars and wall times.
+//! CRC-32C known vectors, and the files that PyTorch's `SummaryWriter` wrote
+//! (`fixtures/tensorboard/`, made by the workspace's `tests/conformance/tensorboard_events.py`)
+//! reproduced byte for byte from the same scalars and wall times, a plain one and one that a
+//! continued run starts with.
 
 use std::path::Path;
 
-use policy_trainer::tensorboard::{masked_crc32c, read_records, EventWriter, ScalarLog};
+use policy_trainer::tensorboard::{
+    masked_crc32c, read_records, read_scalars, EventWriter, Scalar, ScalarLog,
+};
 
 const TORCH_FIXTURE: &[u8] = include_bytes!("fixtures/tensorboard/torch_scalars.tfevents");
+const TORCH_RESTARTED: &[u8] = include_bytes!("fixtures/tensorboard/torch_restarted.tfevents");
 const FIXTURE_SCALARS: &str = include_str!("fixtures/tensorboard/scalars.json");
 
 #[test]
@@ -36,10 +40,12 @@ struct LoggedScalar {
     wall_time: f64,
 }
 
-fn fixture_scalars() -> (f64, Vec<LoggedScalar>) {
-    let spec: serde_json::Value = serde_json::from_str(FIXTURE_SCALARS).unwrap();
-    let scalars = spec["scalars"]
-        .as_array()
+fn fixture_spec() -> serde_json::Value {
+    serde_json::from_str(FIXTURE_SCALARS).unwrap()
+}
+
+fn listed_scalars(list: &serde_json::Value) -> Vec<LoggedScalar> {
+    list.as_array()
         .unwrap()
         .iter()
         .map(|s| LoggedScalar {
@@ -49,8 +55,24 @@ fn fixture_scalars() -> (f64, Vec<LoggedScalar>) {
             step: s["step"].as_i64().unwrap(),
             wall_time: s["wall_time"].as_f64().unwrap(),
         })
-        .collect();
-    (spec["file_version_wall_time"].as_f64().unwrap(), scalars)
+        .collect()
+}
+
+fn fixture_scalars() -> (f64, Vec<LoggedScalar>) {
+    let spec = fixture_spec();
+    (spec["file_version_wall_time"].as_f64().unwrap(), listed_scalars(&spec["scalars"]))
+}
+
+fn write_scalars<W: std::io::Write>(writer: &mut EventWriter<W>, scalars: &[LoggedScalar]) {
+    for s in scalars {
+        writer.add_scalars_at(s.step, &[(s.tag.as_str(), s.value)], s.wall_time).unwrap();
+    }
+}
+
+/// The bytes after the file-version event (the one record that names its writer).
+fn after_file_version_event(file: &[u8]) -> &[u8] {
+    let first = read_records(file).unwrap()[0].len();
+    &file[8 + 4 + first + 4..]
 }
 
 /// Every record after the file-version event is byte-identical to PyTorch's; the file-version
@@ -61,9 +83,7 @@ fn reproduces_pytorchs_summary_writer_byte_for_byte() {
     let (file_version_wall_time, scalars) = fixture_scalars();
     let mut writer =
         EventWriter::from_writer(Vec::new(), "memory".into(), file_version_wall_time).unwrap();
-    for s in &scalars {
-        writer.add_scalars_at(s.step, &[(s.tag.as_str(), s.value)], s.wall_time).unwrap();
-    }
+    write_scalars(&mut writer, &scalars);
     let ours = writer.into_inner().unwrap();
 
     let torch_records = read_records(TORCH_FIXTURE).unwrap();
@@ -79,12 +99,56 @@ fn reproduces_pytorchs_summary_writer_byte_for_byte() {
     assert_eq!(prefix(our_records[0]), prefix(torch_records[0]));
     assert!(String::from_utf8_lossy(our_records[0]).contains("policy-trainer"));
 
-    let first_record_bytes = |records: &[&[u8]]| 8 + 4 + records[0].len() + 4;
     assert_eq!(
-        &ours[first_record_bytes(&our_records)..],
-        &TORCH_FIXTURE[first_record_bytes(&torch_records)..],
+        after_file_version_event(&ours),
+        after_file_version_event(TORCH_FIXTURE),
         "the scalar records as a whole"
     );
+}
+
+/// A continued run's file: after the file-version event, the restart marks that
+/// `SummaryWriter(purge_step=5)` writes, then scalars, all byte for byte as PyTorch wrote them.
+#[test]
+fn marks_a_restart_as_summary_writers_purge_step_does() {
+    let restart = &fixture_spec()["restart"];
+    let (step, wall_time) =
+        (restart["step"].as_i64().unwrap(), restart["wall_time"].as_f64().unwrap());
+    let mut writer = EventWriter::from_writer(Vec::new(), "memory".into(), wall_time).unwrap();
+    writer.mark_restart_at(step, wall_time).unwrap();
+    write_scalars(&mut writer, &listed_scalars(&restart["scalars"]));
+    let ours = writer.into_inner().unwrap();
+    assert_eq!(read_records(&ours).unwrap().len(), read_records(TORCH_RESTARTED).unwrap().len());
+    assert_eq!(after_file_version_event(&ours), after_file_version_event(TORCH_RESTARTED));
+}
+
+/// [`read_scalars`] shows a directory as TensorBoard does: files in name order, and a restart
+/// at step `s` hiding what earlier files logged at `s` and later.
+#[test]
+fn read_scalars_hides_what_a_restart_replaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut crashed = EventWriter::create(dir.path()).unwrap();
+    for step in 1..=5 {
+        crashed.add_scalars(step, &[("train/loss", step as f64)]).unwrap();
+    }
+    crashed.add_scalar("eval/loss", 0.5, 4).unwrap();
+    drop(crashed);
+    let mut continued = EventWriter::create_starting_at(dir.path(), 4).unwrap();
+    for step in 4..=6 {
+        continued.add_scalars(step, &[("train/loss", 10.0 * step as f64)]).unwrap();
+    }
+    let shown: Vec<(String, i64, f32)> = read_scalars(dir.path())
+        .unwrap()
+        .into_iter()
+        .map(|Scalar { tag, step, value, .. }| (tag, step, value))
+        .collect();
+    let loss = |step: i64, value: f32| ("train/loss".to_string(), step, value);
+    assert_eq!(
+        shown,
+        vec![loss(1, 1.0), loss(2, 2.0), loss(3, 3.0), loss(4, 40.0), loss(5, 50.0), loss(6, 60.0)]
+    );
+    // Anything else in the directory is not read.
+    std::fs::write(dir.path().join("metrics.jsonl"), "{}\n").unwrap();
+    assert_eq!(read_scalars(dir.path()).unwrap().len(), 6);
 }
 
 #[test]
@@ -155,17 +219,15 @@ fn errors_name_the_file() {
 }
 
 /// Not a check: writes the fixture's scalars through [`EventWriter::create`] into
-/// `$TENSORBOARD_SAMPLE_DIR`, for `conformance/make_tensorboard_fixture.py --check DIR` to read
-/// back with TensorBoard itself. Run with `-- --ignored`.
+/// `$TENSORBOARD_SAMPLE_DIR`, for the workspace's `tests/conformance/tensorboard_events.py --check
+/// DIR` to read back with TensorBoard itself. Run with `-- --ignored`.
 #[test]
 #[ignore]
 fn write_sample_for_the_python_check() {
     let dir = std::env::var_os("TENSORBOARD_SAMPLE_DIR").expect("set TENSORBOARD_SAMPLE_DIR");
     let (_, scalars) = fixture_scalars();
     let mut writer = EventWriter::create(Path::new(&dir)).unwrap();
-    for s in &scalars {
-        writer.add_scalars_at(s.step, &[(s.tag.as_str(), s.value)], s.wall_time).unwrap();
-    }
+    write_scalars(&mut writer, &scalars);
     println!("wrote {}", writer.path().display());
 }
 
