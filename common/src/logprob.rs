@@ -5,8 +5,13 @@
 //! the response is `Σ_{p = response_start}^{len-1} log P(ids[p] | ids[..p])`: prompt tokens
 //! are context only. Only the positions that predict response tokens go through the output
 //! projection, and the log-softmax runs in f32 whatever the weights' dtype.
+//!
+//! The policy's passes (the trainer's, [`shared_prompt_logprobs_and_logits`] and
+//! [`prefixed_logprobs_and_logits`]) also sum, per response, the mean logit over the
+//! vocabulary at each of those positions: what Hugging Face TRL reports as `logits/chosen` and
+//! `logits/rejected`, taken from the logits the log-probs are computed from.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::{ops, Llama, PrefixKv, TokenLayout};
@@ -72,16 +77,30 @@ pub struct ResponseLogProbs {
     pub per_token: Tensor,
     /// Number of response tokens of each sequence.
     pub counts: Vec<usize>,
+    /// Per response: Σ over the positions that predict its tokens of the mean of the logits
+    /// over the vocabulary, [B], f32 (f64 for an f64 model), no graph. TRL's `logits/chosen`
+    /// for a batch is the chosen responses' sum of these over the sum of their `counts`.
+    /// Computed by the policy's passes only (`None` from [`shared_prompt_logprobs`],
+    /// [`prefixed_logprobs`] and [`response_logprobs`], which the reference server uses).
+    pub mean_logit_sums: Option<Tensor>,
 }
 
 impl ResponseLogProbs {
     pub fn sums_vec(&self) -> Result<Vec<f64>> {
-        Ok(self.sums.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?)
+        Ok(self.sums.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+    }
+
+    /// [`ResponseLogProbs::mean_logit_sums`] as numbers, when the pass computed them.
+    pub fn mean_logit_sums_vec(&self) -> Result<Option<Vec<f64>>> {
+        match &self.mean_logit_sums {
+            Some(t) => Ok(Some(t.to_dtype(DType::F64)?.to_vec1::<f64>()?)),
+            None => Ok(None),
+        }
     }
 
     /// Per-token values split per sequence.
     pub fn per_token_vecs(&self) -> Result<Vec<Vec<f32>>> {
-        let all = self.per_token.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        let all = self.per_token.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let mut out = Vec::with_capacity(self.counts.len());
         let mut off = 0;
         for &c in &self.counts {
@@ -250,15 +269,30 @@ fn layout_batch(
     })
 }
 
+/// Whether a pass also computes [`ResponseLogProbs::mean_logit_sums`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MeanLogits {
+    Skip,
+    Sum,
+}
+
 /// Computes the response log-probs of `seqs` in one right-padded forward pass.
 pub fn response_logprobs(model: &Llama, seqs: &[Sequence]) -> Result<ResponseLogProbs> {
-    batch_logprobs(model, response_batch(model, seqs)?, None)
+    batch_logprobs(model, response_batch(model, seqs)?, None, MeanLogits::Skip)
 }
 
 /// Computes the log-probs of every response of `groups`, in order (group 0's responses,
 /// then group 1's, ...), in one forward pass where each prompt is computed once.
 pub fn shared_prompt_logprobs(model: &Llama, groups: &[SharedPrompt]) -> Result<ResponseLogProbs> {
-    batch_logprobs(model, shared_prompt_batch(model, groups)?, None)
+    batch_logprobs(model, shared_prompt_batch(model, groups)?, None, MeanLogits::Skip)
+}
+
+/// [`shared_prompt_logprobs`] with [`ResponseLogProbs::mean_logit_sums`].
+pub fn shared_prompt_logprobs_and_logits(
+    model: &Llama,
+    groups: &[SharedPrompt],
+) -> Result<ResponseLogProbs> {
+    batch_logprobs(model, shared_prompt_batch(model, groups)?, None, MeanLogits::Sum)
 }
 
 /// [`shared_prompt_logprobs`] for prompts that all start with `prefix`, whose keys and
@@ -270,7 +304,16 @@ pub fn prefixed_logprobs(
     groups: &[SharedPrompt],
     prefix: &PrefixKv,
 ) -> Result<ResponseLogProbs> {
-    batch_logprobs(model, prefixed_batch(model, groups, prefix)?, Some(prefix))
+    batch_logprobs(model, prefixed_batch(model, groups, prefix)?, Some(prefix), MeanLogits::Skip)
+}
+
+/// [`prefixed_logprobs`] with [`ResponseLogProbs::mean_logit_sums`].
+pub fn prefixed_logprobs_and_logits(
+    model: &Llama,
+    groups: &[SharedPrompt],
+    prefix: &PrefixKv,
+) -> Result<ResponseLogProbs> {
+    batch_logprobs(model, prefixed_batch(model, groups, prefix)?, Some(prefix), MeanLogits::Sum)
 }
 
 /// Validates `groups` against the model and `prefix` and lays out what follows the prefix
@@ -297,14 +340,16 @@ fn batch_logprobs(
     model: &Llama,
     batch: ResponseBatch,
     prefix: Option<&PrefixKv>,
+    mean_logits: MeanLogits,
 ) -> Result<ResponseLogProbs> {
-    ops::on_compute_pool(|| batch_logprobs_here(model, batch, prefix))
+    ops::on_compute_pool(|| batch_logprobs_here(model, batch, prefix, mean_logits))
 }
 
 fn batch_logprobs_here(
     model: &Llama,
     batch: ResponseBatch,
     prefix: Option<&PrefixKv>,
+    mean_logits: MeanLogits,
 ) -> Result<ResponseLogProbs> {
     let (b, t) = batch.ids.dims2()?;
     let hidden = model
@@ -312,8 +357,37 @@ fn batch_logprobs_here(
         .reshape((b * t, model.config().hidden_size))?;
     let hidden = hidden.index_select(&batch.rows, 0)?;
     let logits = model.logits(&hidden)?; // [N, V]
+    response_scores(&logits, &batch, mean_logits)
+}
+
+/// The log-probs of `batch`'s responses from the logits `[N, V]` of the positions that predict
+/// their tokens, and [`ResponseLogProbs::mean_logit_sums`] if asked. Shared by the plain
+/// forward and `model::backward`.
+pub(crate) fn response_scores(
+    logits: &Tensor,
+    batch: &ResponseBatch,
+    mean_logits: MeanLogits,
+) -> Result<ResponseLogProbs> {
+    // The log-softmax reads the logits in f32 (f64 stays f64); the same copy serves the
+    // mean, so it is made once either way.
+    let logits = match logits.dtype() {
+        DType::F64 => logits.clone(),
+        _ => logits.to_dtype(DType::F32)?,
+    };
     let per_token = ops::target_logprob(&logits, &batch.targets)?;
     let member = batch.member.to_dtype(per_token.dtype())?;
-    let sums = member.matmul(&per_token.unsqueeze(1)?)?.squeeze(1)?;
-    Ok(ResponseLogProbs { sums, per_token, counts: batch.counts })
+    let segment_sums = |per_position: &Tensor| -> Result<Tensor> {
+        Ok(member.matmul(&per_position.unsqueeze(1)?)?.squeeze(1)?)
+    };
+    let sums = segment_sums(&per_token)?;
+    let mean_logit_sums = match mean_logits {
+        MeanLogits::Skip => None,
+        MeanLogits::Sum => {
+            // One reduction per position over the vocabulary (TRL's `mean_logits`); a metric,
+            // so outside any autograd graph.
+            let vocab = logits.dim(1)? as f64;
+            Some(segment_sums(&(logits.detach().sum(1)? / vocab)?)?)
+        }
+    };
+    Ok(ResponseLogProbs { sums, per_token, counts: batch.counts.clone(), mean_logit_sums })
 }

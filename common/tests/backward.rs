@@ -6,7 +6,9 @@
 //! with the CPU kernels) pins the hand-written gradients to the true ones.
 
 use candle_core::{DType, Device, Tensor};
+use dpo_common::logprob::{prefixed_logprobs, prefixed_logprobs_and_logits};
 use dpo_common::logprob::{response_logprobs, shared_prompt_logprobs, Sequence, SharedPrompt};
+use dpo_common::logprob::{shared_prompt_logprobs_and_logits, ResponseLogProbs};
 use dpo_common::model::backward::{backward, forward_sequences, forward_shared, zero_grads};
 use dpo_common::model::backward::{
     backward_after_prefix, forward_prefix, forward_shared_after, prefix_backward,
@@ -269,4 +271,64 @@ fn bad_shared_prompts_are_named() {
     assert!(e.contains("response 1") && e.contains("no response tokens"), "{e}");
     let e = err(SharedPrompt { prompt: vec![1, 2], responses: vec![vec![3, 100_000]] });
     assert!(e.contains("out of range"), "{e}");
+}
+
+/// TRL's `mean_logits` summed over a response, naively: the full forward of the sequence
+/// alone, then at each position that predicts a response token the mean of its logits over the
+/// vocabulary, summed (in f64).
+fn naive_mean_logit_sum(m: &Llama, seq: &Sequence) -> f64 {
+    let ids = Tensor::new(seq.ids.as_slice(), m.device()).unwrap().unsqueeze(0).unwrap();
+    let logits = m.forward(&ids).unwrap().squeeze(0).unwrap().to_dtype(DType::F64).unwrap();
+    let logits = logits.to_vec2::<f64>().unwrap();
+    (seq.response_start - 1..seq.ids.len() - 1)
+        .map(|p| logits[p].iter().sum::<f64>() / logits[p].len() as f64)
+        .sum()
+}
+
+/// Every policy pass (the trainer's differentiable ones, with and without a prefix, and the
+/// validation ones) returns per response the sum over its positions of the mean logit over the
+/// vocabulary, as a full forward gives it; the reference's passes compute none.
+#[test]
+fn mean_logit_sums_match_a_naive_full_forward() {
+    for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-5), (DType::BF16, 2e-2)] {
+        let m = model(&TinySpec::default(), Mode::Frozen, dtype);
+        let groups = alpaca_pairs();
+        let seqs = sequences(&groups);
+        let expected: Vec<f64> = seqs.iter().map(|s| naive_mean_logit_sum(&m, s)).collect();
+        let check = |what: &str, lp: &ResponseLogProbs| {
+            let got = lp.mean_logit_sums_vec().unwrap().unwrap_or_else(|| panic!("{what}: none"));
+            assert_eq!(got.len(), expected.len(), "{what}");
+            for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                let err = (g - e).abs() / e.abs().max(1.0);
+                assert!(err < tol, "{what} ({dtype:?}), response {i}: {g} vs {e}");
+            }
+        };
+        check("forward_shared", &forward_shared(&m, &groups, false).unwrap().logprobs);
+        check("forward_shared, checkpointed", &forward_shared(&m, &groups, true).unwrap().logprobs);
+        check("forward_sequences", &forward_sequences(&m, &seqs, false).unwrap().logprobs);
+        check(
+            "shared_prompt_logprobs_and_logits",
+            &shared_prompt_logprobs_and_logits(&m, &groups).unwrap(),
+        );
+
+        let common =
+            groups[0].prompt.iter().zip(&groups[1].prompt).take_while(|(a, b)| a == b).count();
+        let prefix_ids = &groups[0].prompt[..common];
+        let prefix = forward_prefix(&m, prefix_ids).unwrap();
+        let after = forward_shared_after(&m, &groups, &prefix, false).unwrap();
+        check("forward_shared_after", &after.logprobs);
+        let kv = m.prefix_kv(prefix_ids).unwrap();
+        check(
+            "prefixed_logprobs_and_logits",
+            &prefixed_logprobs_and_logits(&m, &groups, &kv).unwrap(),
+        );
+
+        // The same log-probs either way; the reference's functions skip the mean.
+        let plain = shared_prompt_logprobs(&m, &groups).unwrap();
+        assert!(plain.mean_logit_sums.is_none());
+        let with = shared_prompt_logprobs_and_logits(&m, &groups).unwrap();
+        assert_eq!(plain.sums_vec().unwrap(), with.sums_vec().unwrap());
+        assert!(prefixed_logprobs(&m, &groups, &kv).unwrap().mean_logit_sums.is_none());
+        assert!(response_logprobs(&m, &seqs).unwrap().mean_logit_sums.is_none());
+    }
 }

@@ -9,7 +9,7 @@ use dpo_common::template::Template;
 use dpo_proto::client::ClientOptions;
 use dpo_proto::token::load_token;
 
-use crate::metrics::EvalResult;
+use crate::metrics::{EvalResult, ReportTo};
 
 /// Which validation number picks the `best/` checkpoint.
 /// `--length-policy`, mapped onto the data layer's [`dpo_common::data::LengthPolicy`]
@@ -139,6 +139,11 @@ pub struct TrainArgs {
     /// Continue the run in --out from last/ (same data and flags).
     #[arg(long)]
     pub resume: bool,
+
+    /// Where the metrics go besides OUT/metrics.jsonl: none, or tensorboard (event files in
+    /// OUT, tagged as Hugging Face's Trainer tags them, for `tensorboard --logdir`).
+    #[arg(long, value_enum, default_value = "none")]
+    pub report_to: ReportTo,
 
     /// Prompt template: alpaca (the prompt is an instruction) or raw.
     #[arg(long, default_value = "alpaca")]

@@ -27,4 +27,5 @@ pub mod progress;
 pub mod ref_cache;
 pub mod ref_client;
 pub mod summary;
+pub mod tensorboard;
 pub mod train;

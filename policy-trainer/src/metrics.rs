@@ -8,13 +8,23 @@
 //!
 //! Non-finite numbers (a NaN mean of zero pairs, say) are written as `null`, which JSON
 //! allows, and read back as NaN.
+//!
+//! With `--report-to tensorboard` ([`MetricsLog::report_to`]) every record also goes, as
+//! scalars, to a TensorBoard event file in the same directory ([`tensorboard_scalars`] says
+//! which numbers under which tags: those of Hugging Face's Trainer). Each (re)start of the log
+//! begins a new event file that names the step it starts from, so TensorBoard shows what
+//! `metrics.jsonl` holds: a resumed run's curves continue, without the steps it took again.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+
+use crate::tensorboard::EventWriter;
 
 /// File name of the metrics log in the run's output directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -100,10 +110,24 @@ impl Line {
     }
 }
 
+/// Where the records go besides `metrics.jsonl` (`--report-to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ReportTo {
+    /// `metrics.jsonl` only.
+    #[default]
+    None,
+    /// Also TensorBoard event files in the run directory.
+    Tensorboard,
+}
+
 /// The metrics file, open for appending.
 pub struct MetricsLog {
     path: PathBuf,
     file: File,
+    /// The first step this log writes: 0, or the one after the step a resumed run continues.
+    first_step: usize,
+    /// `--report-to tensorboard`.
+    tensorboard: Option<EventWriter>,
 }
 
 impl MetricsLog {
@@ -137,11 +161,32 @@ impl MetricsLog {
                     .with_context(|| format!("opening {} for appending", path.display()))?
             }
         };
-        Ok(MetricsLog { path: path.to_path_buf(), file })
+        let first_step = resume_from_step.map_or(0, |step| step + 1);
+        Ok(MetricsLog { path: path.to_path_buf(), file, first_step, tensorboard: None })
+    }
+
+    /// Also writes every record to `report_to`: for TensorBoard, a new event file in the
+    /// metrics file's directory. Its first events mark the step this log starts from, so
+    /// TensorBoard hides what earlier event files there hold from that step on (what the
+    /// crashed run logged after its checkpoint, or a whole run this one replaces), as
+    /// `metrics.jsonl` no longer holds it either.
+    pub fn report_to(mut self, report_to: ReportTo) -> Result<Self> {
+        if report_to == ReportTo::Tensorboard {
+            let dir = self.path.parent().unwrap_or(Path::new("."));
+            // TensorBoard steps are i64; an optimizer step count never comes near the limit.
+            let first_step = i64::try_from(self.first_step).expect("step count fits an i64");
+            self.tensorboard = Some(EventWriter::create_starting_at(dir, first_step)?);
+        }
+        Ok(self)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The TensorBoard event file this log writes, if any.
+    pub fn tensorboard_path(&self) -> Option<&Path> {
+        self.tensorboard.as_ref().map(EventWriter::path)
     }
 
     pub fn log_train(&mut self, record: &TrainRecord) -> Result<()> {
@@ -159,8 +204,62 @@ impl MetricsLog {
         self.file
             .write_all(text.as_bytes())
             .and_then(|()| self.file.flush())
-            .with_context(|| format!("writing to {}", self.path.display()))
+            .with_context(|| format!("writing to {}", self.path.display()))?;
+        if let Some(writer) = &mut self.tensorboard {
+            let (step, scalars) = tensorboard_scalars(line)?;
+            let scalars: Vec<(&str, f64)> = scalars.iter().map(|(t, v)| (t.as_str(), *v)).collect();
+            writer.add_scalars(step, &scalars)?;
+        }
+        Ok(())
     }
+}
+
+/// A record as TensorBoard scalars: its step and `(tag, value)` for every number in its JSON
+/// line, tagged as Hugging Face's Trainer tags a log dict (`TensorBoardCallback`), so the curves
+/// sit beside a TRL run's under the same names:
+/// - an evaluation's keys get the `eval_` prefix unless they have it (`Trainer.evaluate`'s
+///   `metric_key_prefix`);
+/// - then `rewrite_logs`: `eval_X` becomes `eval/X`, `test_X` `test/X`, any other `X`
+///   `train/X`.
+///
+/// Not written: `step` (the x axis, as the Trainer's global step is), what is not a number
+/// (`kind`) and `null` (a non-finite value). When an evaluation has both `X` and `eval_X`,
+/// which share the tag `eval/X`, `eval_X` is written. The fields are read from the record's
+/// JSON, so any field a record gains is written with no change here. Tags come in name order.
+pub fn tensorboard_scalars(record: &impl Serialize) -> Result<(i64, Vec<(String, f64)>)> {
+    let Value::Object(fields) = serde_json::to_value(record)? else {
+        bail!("a metrics record is not a JSON object");
+    };
+    let step =
+        fields.get("step").and_then(Value::as_i64).context("a metrics record has no step")?;
+    let is_eval = fields.get("kind").and_then(Value::as_str) == Some("eval");
+    let mut scalars: BTreeMap<String, (f64, bool)> = BTreeMap::new();
+    for (key, value) in &fields {
+        if key == "step" {
+            continue;
+        }
+        let Some(number) = value.as_f64() else { continue };
+        let explicit_eval = key.starts_with("eval_");
+        let key = if is_eval && !explicit_eval { format!("eval_{key}") } else { key.clone() };
+        let tag = rewrite_log_key(&key);
+        match scalars.get(&tag) {
+            Some(&(_, true)) => {}
+            _ => {
+                scalars.insert(tag, (number, explicit_eval));
+            }
+        }
+    }
+    Ok((step, scalars.into_iter().map(|(tag, (value, _))| (tag, value)).collect()))
+}
+
+/// transformers' `rewrite_logs` for one key.
+fn rewrite_log_key(key: &str) -> String {
+    for (prefix, section) in [("eval_", "eval"), ("test_", "test")] {
+        if let Some(rest) = key.strip_prefix(prefix) {
+            return format!("{section}/{rest}");
+        }
+    }
+    format!("train/{key}")
 }
 
 /// All train and eval records of a metrics file, in file order. A torn last line (a run
@@ -351,5 +450,107 @@ mod tests {
         assert!(err.to_string().contains("line 1"), "{err}");
         let err = MetricsLog::open(&path, Some(3)).err().unwrap();
         assert!(err.to_string().contains("line 1"), "{err}");
+    }
+
+    /// The tags of Hugging Face's Trainer: `train/` for a training record's keys, `eval/` for
+    /// an evaluation's (whether or not the key has the `eval_` prefix itself), every number but
+    /// the step, at the record's step.
+    #[test]
+    fn tensorboard_tags_are_hugging_faces() {
+        let train = serde_json::json!({
+            "kind": "train", "step": 7, "epoch": 1, "loss": 0.5, "rewards/chosen": 0.25,
+            "learning_rate": 1e-6, "grad_norm": null, "eval_odd": 2.0, "test_x": 3.0,
+        });
+        let (step, scalars) = tensorboard_scalars(&train).unwrap();
+        assert_eq!(step, 7);
+        let expected = [
+            ("eval/odd", 2.0),
+            ("test/x", 3.0),
+            ("train/epoch", 1.0),
+            ("train/learning_rate", 1e-6),
+            ("train/loss", 0.5),
+            ("train/rewards/chosen", 0.25),
+        ];
+        assert_eq!(scalars, expected.map(|(t, v)| (t.to_string(), v)));
+
+        // `loss` and `eval_loss` share `eval/loss`: the prefixed one is written, whichever
+        // comes first in the line.
+        for (a, b) in [("loss", "eval_loss"), ("eval_loss", "loss")] {
+            let mut eval = serde_json::Map::new();
+            eval.insert("kind".into(), "eval".into());
+            eval.insert("step".into(), 10.into());
+            eval.insert(a.into(), if a == "loss" { 9.0 } else { 0.75 }.into());
+            eval.insert(b.into(), if b == "loss" { 9.0 } else { 0.75 }.into());
+            eval.insert("rewards/accuracies".into(), 0.5.into());
+            eval.insert("eval_logps/chosen".into(), (-12.5).into());
+            let (step, scalars) = tensorboard_scalars(&Value::Object(eval)).unwrap();
+            assert_eq!(step, 10);
+            let expected = [
+                ("eval/loss", 0.75),
+                ("eval/logps/chosen", -12.5),
+                ("eval/rewards/accuracies", 0.5),
+            ];
+            let mut expected = expected.map(|(t, v)| (t.to_string(), v)).to_vec();
+            expected.sort_by(|x, y| x.0.cmp(&y.0));
+            assert_eq!(scalars, expected);
+        }
+
+        let err = tensorboard_scalars(&serde_json::json!({"kind": "train"})).unwrap_err();
+        assert!(err.to_string().contains("no step"), "{err}");
+    }
+
+    /// With `--report-to tensorboard`, TensorBoard shows exactly the records `metrics.jsonl`
+    /// holds, also after a resume that drops the steps a crashed run logged past its checkpoint.
+    #[test]
+    fn report_to_tensorboard_shows_what_the_log_holds() {
+        use crate::tensorboard::read_scalars;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(METRICS_FILE);
+        let mut log =
+            MetricsLog::open(&path, None).unwrap().report_to(ReportTo::Tensorboard).unwrap();
+        let first_file = log.tensorboard_path().unwrap().to_path_buf();
+        assert_eq!(first_file.parent(), Some(dir.path()));
+        log.log_eval(&eval(0)).unwrap();
+        for step in 1..=3 {
+            log.log_train(&train(step)).unwrap();
+        }
+        log.log_eval(&eval(2)).unwrap();
+        drop(log);
+
+        // Resumed from step 2: step 3 is taken again, with another loss.
+        let mut log =
+            MetricsLog::open(&path, Some(2)).unwrap().report_to(ReportTo::Tensorboard).unwrap();
+        assert_ne!(log.tensorboard_path(), Some(first_file.as_path()));
+        let mut again = train(3);
+        again.loss = 0.125;
+        log.log_train(&again).unwrap();
+        log.log_train(&train(4)).unwrap();
+        log.log_eval(&eval(4)).unwrap();
+        drop(log);
+
+        let mut expected = Vec::new();
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let record: Value = serde_json::from_str(line).unwrap();
+            let (step, scalars) = tensorboard_scalars(&record).unwrap();
+            expected.extend(scalars.into_iter().map(|(tag, v)| (tag, step, v as f32)));
+        }
+        let shown: Vec<_> = read_scalars(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.tag, s.step, s.value))
+            .collect();
+        assert_eq!(shown, expected);
+        assert!(shown.contains(&("train/loss".into(), 3, 0.125)));
+        assert!(shown.contains(&("eval/reward_accuracy".into(), 4, 0.55)));
+
+        // Without --report-to, no event file.
+        let plain = tempfile::tempdir().unwrap();
+        let log = MetricsLog::open(&plain.path().join(METRICS_FILE), None)
+            .unwrap()
+            .report_to(ReportTo::None)
+            .unwrap();
+        assert!(log.tensorboard_path().is_none());
+        assert_eq!(std::fs::read_dir(plain.path()).unwrap().count(), 1);
     }
 }

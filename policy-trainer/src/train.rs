@@ -119,7 +119,8 @@ impl Trainer {
             },
         };
         let metrics =
-            MetricsLog::open(&args.out.join(METRICS_FILE), args.resume.then_some(state.step))?;
+            MetricsLog::open(&args.out.join(METRICS_FILE), args.resume.then_some(state.step))?
+                .report_to(args.report_to)?;
 
         let steps_per_epoch = train_set.len().div_ceil(args.batch_size);
         let total_steps = (steps_per_epoch * args.epochs).min(args.max_steps.unwrap_or(usize::MAX));

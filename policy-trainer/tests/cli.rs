@@ -63,3 +63,15 @@ fn contradictory_flags_are_refused_before_anything_loads() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--micro-batch"), "{}", stderr(&o));
 }
+
+#[test]
+fn an_unknown_report_to_names_the_choices() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = train(
+        &["--model", "m", "--data", "x.jsonl", "--report-to", "wandb"],
+        &dir.path().join("run"),
+    );
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("wandb") && e.contains("none") && e.contains("tensorboard"), "{e}");
+}

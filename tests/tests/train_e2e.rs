@@ -4,7 +4,8 @@
 //! Checks: the step-0 loss is ln 2 for every validation pair (policy == reference through
 //! gRPC); validation accuracy rises; `best/` holds the step with the highest accuracy and
 //! loads as a model; a killed run `--resume`s from its last checkpoint and reproduces the
-//! loss curve of an uninterrupted run.
+//! loss curve of an uninterrupted run; `--report-to tensorboard` event files show what
+//! `metrics.jsonl` holds, also across a resume.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,8 +15,9 @@ use candle_core::{DType, Device};
 use dpo_common::model::{load_model, Mode};
 use dpo_common::testing::{workspace_root, write_tiny_checkpoint, TinySpec};
 use dpo_tests::{binary, read_jsonl, Server};
-use policy_trainer::metrics::METRICS_FILE;
+use policy_trainer::metrics::{tensorboard_scalars, METRICS_FILE};
 use policy_trainer::plot::CHART_FILE;
+use policy_trainer::tensorboard::read_scalars;
 use serde_json::Value;
 
 fn fixture() -> PathBuf {
@@ -291,6 +293,102 @@ fn a_run_without_validation_names_only_what_it_wrote() {
     for written in [METRICS_FILE, "last"] {
         let path = out_dir.join(written);
         assert!(path.exists() && stdout.contains(&path.display().to_string()), "{stdout}");
+    }
+}
+
+/// `--report-to tensorboard` on a run killed after step 3 (its checkpoint: step 2) and resumed
+/// to step 4: two event files in `--out`, and TensorBoard's view of them (the crashed run's
+/// step 3 hidden by the resumed file's restart mark) is exactly `metrics.jsonl`, under Hugging
+/// Face's tags. When DPO_TENSORBOARD_PYTHON names a Python with the `tensorboard` package
+/// (deploy/test.sh makes one), TensorBoard's own reader checks the same
+/// (`tests/conformance/tensorboard_events.py`).
+#[test]
+fn report_to_tensorboard_shows_the_metrics_across_a_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    write_tiny_checkpoint(&model, &TinySpec::default(), DType::F32, None).unwrap();
+    let server = Server::start(&model, &[], dir.path());
+    let out_dir = dir.path().join("run");
+    let train = |extra: &[&str], crash_after: Option<&str>| {
+        let mut command = Command::new(binary("policy-trainer"));
+        command.args(trainer_args(&model, &server.url, &out_dir, 4));
+        command.args(["--report-to", "tensorboard"]).args(extra);
+        if let Some(step) = crash_after {
+            command.env("DPO_TEST_CRASH_AFTER_STEP", step);
+        }
+        command.output().unwrap()
+    };
+    let crashed = train(&[], Some("3"));
+    assert!(!crashed.status.success(), "the crash hook did not fire");
+    let event_files = || -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&out_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents.")
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    assert_eq!(event_files().len(), 1);
+    let before_resume = read_scalars(&out_dir).unwrap();
+    assert!(before_resume.iter().any(|s| s.tag == "train/loss" && s.step == 3));
+    let resumed = train(&["--resume"], None);
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert_eq!(event_files().len(), 2, "a resumed run adds an event file");
+
+    let records = read_jsonl(&out_dir.join(METRICS_FILE));
+    let mut expected = Vec::new();
+    for record in &records {
+        let (step, scalars) = tensorboard_scalars(record).unwrap();
+        expected.extend(scalars.into_iter().map(|(tag, v)| (tag, step, v as f32)));
+    }
+    let shown: Vec<(String, i64, f32)> =
+        read_scalars(&out_dir).unwrap().into_iter().map(|s| (s.tag, s.step, s.value)).collect();
+    assert_eq!(shown, expected);
+    // The names a TRL dashboard reads, at the optimizer steps.
+    let curve = |tag: &str| -> Vec<(i64, f32)> {
+        shown.iter().filter(|s| s.0 == tag).map(|s| (s.1, s.2)).collect()
+    };
+    let metric = |kind: &str, key: &str| -> Vec<(i64, f32)> {
+        records
+            .iter()
+            .filter(|r| r["kind"] == kind)
+            .map(|r| (r["step"].as_i64().unwrap(), f(r, key) as f32))
+            .collect()
+    };
+    assert_eq!(curve("train/loss"), metric("train", "loss"));
+    assert_eq!(curve("train/loss").iter().map(|p| p.0).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(curve("eval/loss"), metric("eval", "loss"));
+    assert_eq!(curve("eval/loss").iter().map(|p| p.0).collect::<Vec<_>>(), [0, 2, 4]);
+    assert_eq!(curve("eval/reward_accuracy"), metric("eval", "reward_accuracy"));
+    assert!(curve("train/step").is_empty() && curve("eval/step").is_empty());
+
+    match std::env::var_os("DPO_TENSORBOARD_PYTHON") {
+        Some(python) => {
+            let script = workspace_root().join("tests/conformance/tensorboard_events.py");
+            let check = Command::new(python)
+                .arg(script)
+                .arg("--check")
+                .arg(&out_dir)
+                .arg("--metrics")
+                .arg(out_dir.join(METRICS_FILE))
+                .output()
+                .unwrap();
+            let report = format!(
+                "{}{}",
+                String::from_utf8_lossy(&check.stdout),
+                String::from_utf8_lossy(&check.stderr)
+            );
+            assert!(check.status.success(), "TensorBoard's reader disagrees:\n{report}");
+            assert!(report.contains("exactly the records of"), "{report}");
+            eprintln!("{report}");
+        }
+        None => eprintln!(
+            "DPO_TENSORBOARD_PYTHON is not set: TensorBoard's own reader was not run on the \
+             event files (deploy/test.sh sets it)"
+        ),
     }
 }
 

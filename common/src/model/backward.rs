@@ -32,8 +32,8 @@ use super::grad_ops::{self, accumulate, accumulate_matmul};
 use super::llama::{LayerActivations, LayerContext};
 use super::{ops, Llama, PrefixKv};
 use crate::error::{Error, Result};
-use crate::logprob::{prefixed_batch, response_batch, shared_prompt_batch};
-use crate::logprob::{ResponseBatch, ResponseLogProbs};
+use crate::logprob::{prefixed_batch, response_batch, response_scores, shared_prompt_batch};
+use crate::logprob::{MeanLogits, ResponseBatch, ResponseLogProbs};
 use crate::logprob::{Sequence, SharedPrompt};
 
 /// What a layer kept for its backward.
@@ -46,7 +46,8 @@ enum Kept {
 /// A forward pass that can be differentiated by [`backward`]: the log-probs it computed
 /// and what it kept to differentiate them.
 pub struct TrainingPass {
-    /// The log-probs, plain values (no autograd graph).
+    /// The log-probs, plain values (no autograd graph), with
+    /// [`ResponseLogProbs::mean_logit_sums`].
     pub logprobs: ResponseLogProbs,
     /// A no-graph view of the model's weights (shares their storage).
     model: Llama,
@@ -125,10 +126,7 @@ fn forward_here(
     }
     let hidden = model.final_norm(&x)?.index_select(&batch.rows, 0)?;
     let logits = model.logits(&hidden)?; // [N, V]
-    let per_token = ops::target_logprob(&logits, &batch.targets)?;
-    let member = batch.member.to_dtype(per_token.dtype())?;
-    let sums = member.matmul(&per_token.unsqueeze(1)?)?.squeeze(1)?;
-    let logprobs = ResponseLogProbs { sums, per_token, counts: batch.counts.clone() };
+    let logprobs = response_scores(&logits, &batch, MeanLogits::Sum)?;
     let ids = batch.ids.flatten_all()?;
     Ok(TrainingPass { logprobs, model, ctx, ids, layers, last: x, hidden, logits, batch })
 }
