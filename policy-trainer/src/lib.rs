@@ -15,6 +15,7 @@ pub mod args;
 pub mod checkpoint;
 pub mod dpo;
 pub mod eval;
+pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
