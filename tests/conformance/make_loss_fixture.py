@@ -154,14 +154,24 @@ def dpo_inputs(pairs):
         # The log-prob of the token at input position j sits at shifted position j - 1.
         logps[row, PROMPT_TOKENS - 1 : PROMPT_TOKENS - 1 + n] = torch.tensor(per_token_values(total, n), dtype=torch.float64)
     logps.requires_grad_(True)
+    b = len(pairs)
+    sums = logps.detach().sum(dim=1)
     inputs = {
         "input_ids": (torch.arange(rows * t).reshape(rows, t) % 97) + 1,
         "attention_mask": attention_mask,
         "completion_mask": completion_mask,
-        "ref_chosen_logps": torch.tensor([p[2] for p in pairs], dtype=torch.float64, requires_grad=True),
-        "ref_rejected_logps": torch.tensor([p[3] for p in pairs], dtype=torch.float64, requires_grad=True),
+        "ref_chosen_logps": reference_leaf(pairs, 2, 0, sums[:b]),
+        "ref_rejected_logps": reference_leaf(pairs, 3, 1, sums[b:]),
     }
     return inputs, logps, completion_mask[:, 1:].bool()
+
+
+def reference_leaf(pairs, ref_index, policy_index, policy_sums):
+    """The reference log-probs as a leaf. Where a pair's reference equals its policy log-prob (the
+    untrained policy), take torch's own sum of the per-token values, so that the log-ratio is exactly 0
+    rather than a rounding error of the split into tokens."""
+    values = [sum_ if p[ref_index] == p[policy_index] else p[ref_index] for p, sum_ in zip(pairs, policy_sums.tolist())]
+    return torch.tensor(values, dtype=torch.float64, requires_grad=True)
 
 
 def fake_model(log_probs):
@@ -202,8 +212,8 @@ def run_dpo(pairs, spec, beta, epsilon, tau):
         {
             "policy_chosen": sums[i].item(),
             "policy_rejected": sums[b + i].item(),
-            "ref_chosen": p[2],
-            "ref_rejected": p[3],
+            "ref_chosen": inputs["ref_chosen_logps"][i].item(),
+            "ref_rejected": inputs["ref_rejected_logps"][i].item(),
             "chosen_tokens": p[4],
             "rejected_tokens": p[5],
         }
