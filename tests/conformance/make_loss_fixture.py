@@ -142,20 +142,20 @@ def dpo_inputs(pairs):
     Returns (inputs, per-token log-probs leaf [2B, T-1], completion position mask [2B, T-1]).
     """
     lens = [p[4] for p in pairs] + [p[5] for p in pairs]
-    sums = [p[0] for p in pairs] + [p[1] for p in pairs]
+    targets = [p[0] for p in pairs] + [p[1] for p in pairs]  # each row's summed log-prob
     t = PROMPT_TOKENS + max(lens) + 1  # at least one padding column
     rows = len(lens)
     completion_mask = torch.zeros(rows, t, dtype=torch.long)
     attention_mask = torch.zeros(rows, t, dtype=torch.long)
     logps = torch.zeros(rows, t - 1, dtype=torch.float64)
-    for row, (n, total) in enumerate(zip(lens, sums)):
+    for row, (n, total) in enumerate(zip(lens, targets)):
         completion_mask[row, PROMPT_TOKENS : PROMPT_TOKENS + n] = 1
         attention_mask[row, : PROMPT_TOKENS + n] = 1
         # The log-prob of the token at input position j sits at shifted position j - 1.
         logps[row, PROMPT_TOKENS - 1 : PROMPT_TOKENS - 1 + n] = torch.tensor(per_token_values(total, n), dtype=torch.float64)
     logps.requires_grad_(True)
     b = len(pairs)
-    sums = logps.detach().sum(dim=1)
+    sums = logps.detach().sum(dim=1)  # what TRL will see, within rounding of `targets`
     inputs = {
         "input_ids": (torch.arange(rows * t).reshape(rows, t) % 97) + 1,
         "attention_mask": attention_mask,
