@@ -37,8 +37,8 @@ done
 # driver; 13.4 is the newest release cudarc 0.19 (candle 0.11) knows (`cuda-13040`); nvvm
 # must not be newer than ptxas (13.5's nvvm emits PTX 9.5, which 13.4's ptxas refuses); and
 # cccl provides <nv/target>, which cuda_fp16.h includes. With exactly this set,
-# `cargo check -p dpo-common --features cuda` (candle-kernels' PTX built by nvcc) passed on a
-# machine without a GPU (2026-11-30, 6 min on 2 cores).
+# `cargo check -p dpo-common --features cuda` (candle-kernels' PTX built by nvcc) passes on a
+# machine without a GPU.
 # 13.0: the same set at the R580 driver's version (cuBLAS and cuRAND number their own
 # releases: 13.0.x and 10.4.0 are the ones of CUDA 13.0).
 if [[ $version == 13.4 ]]; then

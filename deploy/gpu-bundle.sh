@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds what deploy/gpu-check.sh needs on a lent GPU machine (no Rust toolchain, no
-# internet; what travels is the git working tree plus up to 8 ignored paths, 64 MiB in all
-# per call) and stages it in .cache/gpu-bundle/ as two parts, one per call:
+# Builds what deploy/gpu-check.sh needs on a machine with a GPU but no Rust toolchain or
+# internet, and stages it in .cache/gpu-bundle/ as two parts of under 64 MiB each
+# (together with the repository's working tree), so that each fits a transfer capped at
+# 64 MiB:
 #
 #   a/  bin.tar.xz (ref-server, policy-trainer, gpu_tools: release, --features cuda,
 #       stripped) + the first piece of the SmolLM2 GGUF + MANIFEST
@@ -12,16 +13,18 @@
 #   CUDA_COMPUTE_CAP=80 deploy/gpu-bundle.sh   # for an A100 (default 90: H100/H200)
 #
 # Why CUDA 13.0: candle's kernels travel as PTX that the driver compiles at start-up, and a
-# driver refuses PTX newer than itself; the lent machines run an R580 driver (CUDA 13.0).
-# Why two parts: the GGUF alone is 94 MiB. The CUDA libraries (cuBLAS is 500 MB) are not
-# carried: the GPU machine's CUDA install or PyTorch wheels provide them (gpu-check.sh finds
-# them); the binaries need libcuda.so.1, libcublas(Lt).so.13, libcurand.so.10,
-# libnvrtc.so.13 and libcudart.so.13 there.
+# driver refuses PTX newer than itself; CUDA 13.0's PTX runs on drivers from the R580
+# branch on. Why two parts: the GGUF alone is 94 MiB. The CUDA libraries (cuBLAS is
+# 500 MB) are not bundled: the GPU machine's CUDA install or PyTorch wheels provide them
+# (gpu-check.sh finds them); the binaries need libcuda.so.1, libcublas(Lt).so.13,
+# libcurand.so.10, libnvrtc.so.13 and libcudart.so.13 there.
 #
-# Then, from a session with a GPU (the `run` tool), one call per part, back to back so the
-# machine is still warm for the second (it keeps the stage between calls only then):
-#   run(carry=[".cache/gpu-bundle/a"], command="deploy/gpu-check.sh --steps 3")
-#   run(carry=[".cache/gpu-bundle/b"], command="deploy/gpu-check.sh --steps 1,2")
+# Then copy the repository (with .cache/gpu-bundle) to the GPU machine and run there, from
+# its root:
+#   deploy/gpu-check.sh                  # both parts present: every step
+# or one part at a time (the stage on that machine keeps what came before):
+#   deploy/gpu-check.sh --steps 3        # with part a only
+#   deploy/gpu-check.sh --steps 1,2      # after part b has been added
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -29,7 +32,7 @@ build=1
 for a in "$@"; do
   case $a in
     --no-build) build=0 ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-bundle: unknown argument $a (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -59,8 +62,8 @@ for b in "${bins[@]}"; do strip -o "$out.tmp/stage/$(basename "$b")" "$b"; done
 tar -C "$out.tmp/stage" -cf - ref-server policy-trainer gpu_tools | xz -9 -T0 >"$out.tmp/a/bin.tar.xz"
 rm -rf "$out.tmp/stage"
 
-# What a call may carry: 64 MiB minus the working tree that travels with it (tracked and
-# untracked-but-not-ignored files), minus 1 MiB of slack for files added meanwhile.
+# What one part may hold: 64 MiB minus the working tree that is copied with it (tracked
+# and untracked-but-not-ignored files), minus 1 MiB of slack for files added meanwhile.
 tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
 cap=$((64 * 1048576 - tree - 1048576))
 bin_bytes=$(stat -c %s "$out.tmp/a/bin.tar.xz")
@@ -68,7 +71,7 @@ gguf_bytes=$(stat -c %s "$model")
 first=$((cap - bin_bytes - 4096))
 rest=$((gguf_bytes - first))
 if ((first <= 0 || rest > cap - 4096)); then
-  echo "gpu-bundle: binaries $bin_bytes B + GGUF $gguf_bytes B do not fit two calls of $cap B" >&2
+  echo "gpu-bundle: binaries $bin_bytes B + GGUF $gguf_bytes B do not fit two parts of $cap B" >&2
   exit 1
 fi
 head -c "$first" "$model" >"$out.tmp/a/smollm2.gguf.part1"

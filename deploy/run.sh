@@ -186,12 +186,15 @@ done
 scheme=http
 [[ -n $tls_cert ]] && scheme=https
 url="$scheme://$addr"
-health_args=(health --server "$url")
+# Waits for the model to load; gives up early if the server exits (a model that fails to
+# load), and after an hour in any case.
+health_args=(health --server "$url" --wait 3600 --server-pid "$server_pid")
 [[ -n $tls_ca ]] && health_args+=(--tls-ca "$tls_ca")
-until "$bin/ref-server" "${health_args[@]}" >/dev/null 2>&1; do
-  kill -0 "$server_pid" 2>/dev/null || { tail -n 20 "$server_log" >&2; exit 1; }
-  sleep 0.5
-done
+if ! "$bin/ref-server" "${health_args[@]}" >/dev/null; then
+  echo "run.sh: ref-server did not become SERVING; its log ($server_log):" >&2
+  tail -n 20 "$server_log" >&2
+  exit 1
+fi
 echo "run.sh: ref-server SERVING at $url; training (outputs in $out)" >&2
 
 "$bin/policy-trainer" "${train_args[@]}" --ref-server "$url" "${pass[@]}" &

@@ -121,8 +121,45 @@ pub fn generate_with(
     mut on_token: impl FnMut(usize, u32) -> bool,
 ) -> Result<Vec<Generation>> {
     params.validate()?;
-    let cfg = model.config();
-    let max_ctx = cfg.max_position_embeddings;
+    let max_ctx = model.config().max_position_embeddings;
+    check_prompts(prompts, max_ctx)?;
+    let ends = Ends { eos: eos_ids(model, tokenizer), max_ctx, params, tokenizer };
+    let mut states: Vec<SeqState> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| SeqState::new(p.len(), params.seed.wrapping_add(i as u64)))
+        .collect();
+    if prompts.is_empty() || params.max_new_tokens == 0 {
+        return finish_all(states);
+    }
+    let mut batch = LiveBatch::prefill(model, prompts)?;
+    loop {
+        let logits = model.logits(&batch.last)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let mut next = Vec::with_capacity(batch.live.len());
+        let mut keep = Vec::with_capacity(batch.live.len());
+        let mut cancelled = false;
+        for (r, &i) in batch.live.iter().enumerate() {
+            let st = &mut states[i];
+            let tok = pick(&logits[r], params, &mut st.rng);
+            if !on_token(i, tok) {
+                cancelled = true;
+            }
+            if st.push(tok, &ends)? {
+                keep.push(r);
+                next.push(tok);
+            }
+        }
+        if cancelled || keep.is_empty() {
+            break;
+        }
+        batch.keep_rows(&keep)?;
+        batch.decode(model, next, &states)?;
+    }
+    finish_all(states)
+}
+
+/// Every prompt needs a token to start from and room for at least one more.
+fn check_prompts(prompts: &[Vec<u32>], max_ctx: usize) -> Result<()> {
     for (i, p) in prompts.iter().enumerate() {
         if p.is_empty() {
             return Err(Error::Input(format!("prompt {i} has no tokens")));
@@ -135,113 +172,103 @@ pub fn generate_with(
             )));
         }
     }
-    let mut eos: Vec<u32> = cfg.eos_token_ids.clone();
-    eos.push(tokenizer.eos_id());
-    let mut states: Vec<SeqState> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| SeqState {
-            prompt_len: p.len(),
-            tokens: Vec::new(),
-            text: String::new(),
-            finish: None,
-            rng: SplitMix64::new(params.seed.wrapping_add(i as u64)),
-        })
-        .collect();
-    if prompts.is_empty() || params.max_new_tokens == 0 {
-        return finish_all(states);
-    }
+    Ok(())
+}
 
-    let device = model.device();
-    let b = prompts.len();
-    let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    // Prefill: left-padded ids, per-row positions, causal mask that hides pads.
-    let pads: Vec<usize> = prompts.iter().map(|p| t - p.len()).collect();
-    let mut ids = vec![0u32; b * t];
-    let mut pos = vec![0u32; b * t];
-    let mut mask = vec![0f32; b * t * t];
-    for (r, p) in prompts.iter().enumerate() {
-        let pad = pads[r];
-        ids[r * t + pad..(r + 1) * t].copy_from_slice(p);
-        for j in 0..t {
-            pos[r * t + j] = j.saturating_sub(pad) as u32;
-            for k in 0..t {
-                let visible = k == j || (k < j && k >= pad);
-                if !visible {
-                    mask[(r * t + j) * t + k] = f32::NEG_INFINITY;
+/// The tokens that end a generation: the model's EOS ids and the tokenizer's.
+fn eos_ids(model: &Llama, tokenizer: &LlamaTokenizer) -> Vec<u32> {
+    let mut eos = model.config().eos_token_ids.clone();
+    eos.push(tokenizer.eos_id());
+    eos
+}
+
+/// What decides that a sequence is finished.
+struct Ends<'a> {
+    eos: Vec<u32>,
+    /// The model's maximum context, prompt included.
+    max_ctx: usize,
+    params: &'a GenerateParams,
+    tokenizer: &'a LlamaTokenizer,
+}
+
+/// The rows of a left-padded batch still generating, and the key/value cache of their
+/// tokens so far.
+struct LiveBatch {
+    /// `live[r]`: the index of the prompt in batch row r.
+    live: Vec<usize>,
+    /// `row_pads[r]`: the left padding of row r.
+    row_pads: Vec<usize>,
+    cache: KvCache,
+    /// The final-norm hidden state of each row's last token, `[rows, H]`.
+    last: Tensor,
+}
+
+impl LiveBatch {
+    /// Runs the prompts through the model as one batch: left-padded ids, per-row
+    /// positions, a causal mask that hides the pads.
+    fn prefill(model: &Llama, prompts: &[Vec<u32>]) -> Result<LiveBatch> {
+        let device = model.device();
+        let b = prompts.len();
+        let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let pads: Vec<usize> = prompts.iter().map(|p| t - p.len()).collect();
+        let mut ids = vec![0u32; b * t];
+        let mut pos = vec![0u32; b * t];
+        let mut mask = vec![0f32; b * t * t];
+        for (r, p) in prompts.iter().enumerate() {
+            let pad = pads[r];
+            ids[r * t + pad..(r + 1) * t].copy_from_slice(p);
+            for j in 0..t {
+                pos[r * t + j] = j.saturating_sub(pad) as u32;
+                for k in 0..t {
+                    let visible = k == j || (k < j && k >= pad);
+                    if !visible {
+                        mask[(r * t + j) * t + k] = f32::NEG_INFINITY;
+                    }
                 }
             }
         }
+        let mut cache = KvCache::new();
+        let hidden = model.forward_cached(
+            &Tensor::from_vec(ids, (b, t), device)?,
+            &Tensor::from_vec(pos, (b, t), device)?,
+            &Tensor::from_vec(mask, (b, t, t), device)?,
+            &mut cache,
+        )?;
+        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?; // [B, H]
+        Ok(LiveBatch { live: (0..b).collect(), row_pads: pads, cache, last })
     }
-    let mut cache = KvCache::new();
-    let hidden = model.forward_cached(
-        &Tensor::from_vec(ids, (b, t), device)?,
-        &Tensor::from_vec(pos, (b, t), device)?,
-        &Tensor::from_vec(mask, (b, t, t), device)?,
-        &mut cache,
-    )?;
-    let mut last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?; // [B, H]
 
-    // `live[r]` = index of the prompt in batch row r; `row_pads[r]` = its left padding.
-    let mut live: Vec<usize> = (0..b).collect();
-    let mut row_pads = pads;
-    loop {
-        let logits = model.logits(&last)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let mut next = Vec::with_capacity(live.len());
-        let mut keep = Vec::with_capacity(live.len());
-        let mut cancelled = false;
-        for (r, &i) in live.iter().enumerate() {
-            let st = &mut states[i];
-            let tok = pick(&logits[r], params, &mut st.rng);
-            if !on_token(i, tok) {
-                cancelled = true;
-            }
-            if params.stop_at_eos && eos.contains(&tok) {
-                st.finish = Some(FinishReason::Eos);
-                continue;
-            }
-            st.tokens.push(tok);
-            if !params.stop.is_empty() || st.tokens.len() >= params.max_new_tokens {
-                st.text = tokenizer.decode(&st.tokens, true)?;
-            }
-            if let Some(cut) = find_stop(&st.text, &params.stop) {
-                st.text.truncate(cut);
-                st.finish = Some(FinishReason::Stop);
-            } else if st.tokens.len() >= params.max_new_tokens
-                || st.prompt_len + st.tokens.len() >= max_ctx
-            {
-                st.finish = Some(FinishReason::Length);
-            } else {
-                keep.push(r);
-                next.push(tok);
-            }
+    /// Keeps only rows `keep` (in that order), dropping finished ones from the cache too.
+    fn keep_rows(&mut self, keep: &[usize]) -> Result<()> {
+        if keep.len() != self.live.len() {
+            self.cache.select_rows(keep)?;
+            self.live = keep.iter().map(|&r| self.live[r]).collect();
+            self.row_pads = keep.iter().map(|&r| self.row_pads[r]).collect();
         }
-        if cancelled || keep.is_empty() {
-            break;
-        }
-        if keep.len() != live.len() {
-            cache.select_rows(&keep)?;
-            live = keep.iter().map(|&r| live[r]).collect();
-            row_pads = keep.iter().map(|&r| row_pads[r]).collect();
-        }
-        // Decode step: one token per live row at padded column `s`.
-        let s = cache.len();
-        let n = live.len();
+        Ok(())
+    }
+
+    /// One decode step: token `next[r]` for every live row r, at padded column
+    /// `cache.len()`.
+    fn decode(&mut self, model: &Llama, next: Vec<u32>, states: &[SeqState]) -> Result<()> {
+        let device = model.device();
+        let s = self.cache.len();
+        let n = self.live.len();
         let mut pos = Vec::with_capacity(n);
         let mut mask = vec![0f32; n * (s + 1)];
-        for (r, &i) in live.iter().enumerate() {
+        for (r, &i) in self.live.iter().enumerate() {
             pos.push((states[i].prompt_len + states[i].tokens.len() - 1) as u32);
-            mask[r * (s + 1)..r * (s + 1) + row_pads[r]].fill(f32::NEG_INFINITY);
+            mask[r * (s + 1)..r * (s + 1) + self.row_pads[r]].fill(f32::NEG_INFINITY);
         }
         let hidden = model.forward_cached(
             &Tensor::from_vec(next, (n, 1), device)?,
             &Tensor::from_vec(pos, (n, 1), device)?,
             &Tensor::from_vec(mask, (n, 1, s + 1), device)?,
-            &mut cache,
+            &mut self.cache,
         )?;
-        last = hidden.squeeze(1)?;
+        self.last = hidden.squeeze(1)?;
+        Ok(())
     }
-    finish_all(states)
 }
 
 struct SeqState {
@@ -250,6 +277,41 @@ struct SeqState {
     text: String,
     finish: Option<FinishReason>,
     rng: SplitMix64,
+}
+
+impl SeqState {
+    fn new(prompt_len: usize, seed: u64) -> Self {
+        SeqState {
+            prompt_len,
+            tokens: Vec::new(),
+            text: String::new(),
+            finish: None,
+            rng: SplitMix64::new(seed),
+        }
+    }
+
+    /// Takes the chosen token `tok`; returns whether the sequence goes on (otherwise its
+    /// finish reason is set).
+    fn push(&mut self, tok: u32, ends: &Ends) -> Result<bool> {
+        let params = ends.params;
+        if params.stop_at_eos && ends.eos.contains(&tok) {
+            self.finish = Some(FinishReason::Eos);
+            return Ok(false);
+        }
+        self.tokens.push(tok);
+        if !params.stop.is_empty() || self.tokens.len() >= params.max_new_tokens {
+            self.text = ends.tokenizer.decode(&self.tokens, true)?;
+        }
+        if let Some(cut) = find_stop(&self.text, &params.stop) {
+            self.text.truncate(cut);
+            self.finish = Some(FinishReason::Stop);
+        } else if self.tokens.len() >= params.max_new_tokens
+            || self.prompt_len + self.tokens.len() >= ends.max_ctx
+        {
+            self.finish = Some(FinishReason::Length);
+        }
+        Ok(self.finish.is_none())
+    }
 }
 
 fn finish_all(states: Vec<SeqState>) -> Result<Vec<Generation>> {
@@ -328,8 +390,7 @@ pub fn generate_uncached(
     prompt: &[u32],
     params: &GenerateParams,
 ) -> Result<Vec<u32>> {
-    let mut eos: Vec<u32> = model.config().eos_token_ids.clone();
-    eos.push(tokenizer.eos_id());
+    let eos = eos_ids(model, tokenizer);
     let mut rng = SplitMix64::new(params.seed);
     let mut ids = prompt.to_vec();
     let mut out = Vec::new();
@@ -404,6 +465,58 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The cache path runs the same layer forward as a full pass: a prefill gives the full
+    /// forward's hidden states exactly, and a prefill then a decode step gives them up to the
+    /// rounding of matrix products of other shapes.
+    #[test]
+    fn cached_forward_equals_the_full_forward() {
+        let spec = TinySpec { heads: 8, kv_heads: 2, hidden: 64, ..TinySpec::default() };
+        let model = tiny(&spec);
+        let ids: Vec<u32> = tiny_tokenizer().encode_prompt("Once upon a time, there").unwrap();
+        let t = ids.len();
+        let full = model.hidden_states(&Tensor::from_slice(&ids, (1, t), &Device::Cpu).unwrap());
+        let full = full.unwrap().squeeze(0).unwrap();
+        let causal = |n: usize| -> Vec<f32> {
+            (0..n)
+                .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect()
+        };
+        let positions: Vec<u32> = (0..t as u32).collect();
+        let run = |ids: &[u32], pos: &[u32], mask: Vec<f32>, cache: &mut KvCache| {
+            let n = ids.len();
+            let s = cache.len();
+            model
+                .forward_cached(
+                    &Tensor::from_slice(ids, (1, n), &Device::Cpu).unwrap(),
+                    &Tensor::from_slice(pos, (1, n), &Device::Cpu).unwrap(),
+                    &Tensor::from_vec(mask, (1, n, s + n), &Device::Cpu).unwrap(),
+                    cache,
+                )
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+        };
+        let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let prefill = run(&ids, &positions, causal(t), &mut KvCache::new());
+        assert_eq!(max_diff(&prefill, &full), 0.0);
+        let mut cache = KvCache::new();
+        let prefill = run(&ids[..t - 1], &positions[..t - 1], causal(t - 1), &mut cache);
+        let step = run(&ids[t - 1..], &positions[t - 1..], vec![0.0; t], &mut cache);
+        let cached = Tensor::cat(&[prefill, step], 0).unwrap();
+        assert!(max_diff(&cached, &full) < 1e-5, "{}", max_diff(&cached, &full));
     }
 
     #[test]

@@ -14,7 +14,12 @@ pub mod memory;
 pub mod model;
 pub mod prefix;
 pub mod sround;
+pub mod startup;
 pub mod template;
+/// Test support (tiny random checkpoints, a counting allocator) for this workspace's tests,
+/// benches and examples; compiled only with the `testing` feature, so it never ships in a
+/// product binary.
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
 pub mod tokenizer;

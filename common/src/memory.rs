@@ -66,8 +66,8 @@ pub struct MemoryConfig {
 }
 
 /// The most the CPU matrix kernel (gemm) packs of an operand at once: it copies the
-/// operand a block at a time, the block sized from the cache sizes (measured here, 32 MiB
-/// of L3: blocks of 26-29 MiB at vocabularies of 49k-128k; the whole operand when smaller).
+/// operand a block at a time, the block sized from the cache sizes (with 32 MiB of L3:
+/// blocks of 26-29 MiB at vocabularies of 49k-128k; the whole operand when smaller).
 pub const GEMM_PACK_BYTES: u64 = 32 << 20;
 
 /// The CPU matrix kernel's own buffers while it forms the head's weight gradient
@@ -372,10 +372,9 @@ pub fn peak_rss_bytes() -> Option<u64> {
 /// Why: a model pass runs on whichever rayon worker picks it up (`ops::on_compute_pool`),
 /// and glibc gives each allocating thread an arena of its own. Each arena keeps the freed
 /// activations of the passes that ran on it for reuse, so with one arena per worker the
-/// retained memory grows with the number of workers. Measured on the trainer (SmolLM2,
-/// micro-batch 4, two optimizer steps): peak RSS 2303 → 2192 MiB with 2 workers, 2621 →
-/// 2198 MiB with 8, for the same CPU time. The allocations are few and large (one per
-/// tensor), so threads hardly ever wait on the shared arena's lock.
+/// retained memory grows with the number of workers (docs/performance.md has the trainer's
+/// figures). The allocations are few and large (one per tensor), so threads hardly ever
+/// wait on the shared arena's lock, and the CPU time stays the same.
 pub fn use_one_malloc_arena() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes an allocator setting; M_ARENA_MAX is always valid.

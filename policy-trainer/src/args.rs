@@ -6,6 +6,10 @@ use std::time::Duration;
 use candle_core::DType;
 use clap::{Args, ValueEnum};
 use dpo_common::template::Template;
+use dpo_proto::client::ClientOptions;
+use dpo_proto::token::load_token;
+
+use crate::metrics::EvalResult;
 
 /// Which validation number picks the `best/` checkpoint.
 /// `--length-policy`, mapped onto the data layer's [`dpo_common::data::LengthPolicy`]
@@ -62,6 +66,15 @@ impl SelectMetric {
             SelectMetric::RewardAccuracy => "reward_accuracy",
             SelectMetric::LogpAccuracy => "logp_accuracy",
             SelectMetric::Loss => "loss",
+        }
+    }
+
+    /// This metric's value in a validation result.
+    pub fn value(self, e: &EvalResult) -> f64 {
+        match self {
+            SelectMetric::RewardAccuracy => e.reward_accuracy,
+            SelectMetric::LogpAccuracy => e.logp_accuracy,
+            SelectMetric::Loss => e.loss,
         }
     }
 
@@ -256,6 +269,17 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// How to reach the reference server: its URL, bearer token and TLS settings.
+    pub fn client_options(&self) -> anyhow::Result<ClientOptions> {
+        Ok(ClientOptions {
+            url: self.ref_server.clone(),
+            token: load_token(self.auth_token_file.as_deref())?,
+            ca_cert: self.tls_ca.clone(),
+            tls_domain: self.tls_domain.clone(),
+            ..ClientOptions::default()
+        })
+    }
+
     pub fn ref_timeout(&self) -> Duration {
         Duration::from_secs(self.ref_timeout)
     }

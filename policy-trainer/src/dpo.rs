@@ -109,18 +109,41 @@ pub struct DpoStats {
     loss_max: f64,
     chosen_reward_sum: f64,
     rejected_reward_sum: f64,
-    /// Pairs with chosen reward > rejected reward by more than [`TIE_NATS`] (ties are wrong).
+    /// Pairs with chosen reward > rejected reward, ties ([`is_tie`]) not counted.
     reward_correct: usize,
     /// Pairs with π_c > π_r (ties are wrong).
     logp_correct: usize,
 }
 
-/// Implicit-reward margins (in nats of log-prob, before β) up to this size count as ties,
-/// and ties as wrong: the policy and the reference compute their log-probs in different
-/// processes and batch layouts, so even identical weights differ by ~1e-7 nats in f32. Without
-/// this, the step-0 accuracy (policy = reference) would be a coin toss on rounding noise
-/// instead of 0.
-pub const TIE_NATS: f64 = 1e-4;
+/// Relative size of a tie: a pair's implicit-reward margin (π_c − ref_c) − (π_r − ref_r),
+/// in nats before β, counts as a tie when its magnitude is at most `TIE_RELATIVE ·
+/// (|π_c| + |π_r| + |ref_c| + |ref_r|)` ([`is_tie`]), and ties count as wrong.
+///
+/// Why: the policy's log-probs (the trainer's shared-prompt rows, prefix pass and packing)
+/// and the reference's (the server's own batch layout) come from different code paths, so
+/// even identical weights — at step 0, policy = reference — give sums that differ in their
+/// last bits. Counting those differences as wins makes the step-0 accuracy a coin toss on
+/// rounding noise instead of 0.
+///
+/// Why relative, and this size: each sum adds one f32 log-prob per response token, each
+/// with its own rounding error, and the paths add them in different orders; the error of
+/// such a sum grows with the magnitude of what is summed (for log-probs, all ≤ 0, that is
+/// |sum|), so it grows with the responses' length. An absolute tolerance either lets long
+/// responses' noise through or hides short responses' real margins. 64 units of f32
+/// roundoff (f32::EPSILON, 1.2e-7) of the four summed magnitudes covers the few-ulp error
+/// of each token's log-prob accumulated over hundreds of tokens with room to spare, yet is
+/// small next to what training moves: for four sums of 300 nats the tolerance is 0.009
+/// nats, while the margins of a policy that has learned something are tenths of a nat and
+/// more (before β).
+pub const TIE_RELATIVE: f64 = 64.0 * f32::EPSILON as f64;
+
+/// Whether a pair's implicit-reward margin is within rounding noise of 0 ([`TIE_RELATIVE`]).
+pub fn is_tie(policy_chosen: f64, policy_rejected: f64, refs: &RefScores) -> bool {
+    let margin = (policy_chosen - refs.chosen) - (policy_rejected - refs.rejected);
+    let scale =
+        policy_chosen.abs() + policy_rejected.abs() + refs.chosen.abs() + refs.rejected.abs();
+    margin.abs() <= TIE_RELATIVE * scale
+}
 
 impl DpoStats {
     /// Adds one pair given its policy log-probs and reference scores.
@@ -136,7 +159,7 @@ impl DpoStats {
             chosen_reward_sum: chosen_reward,
             rejected_reward_sum: rejected_reward,
             reward_correct: usize::from(
-                (policy_chosen - refs.chosen) - (policy_rejected - refs.rejected) > TIE_NATS,
+                chosen_reward > rejected_reward && !is_tie(policy_chosen, policy_rejected, refs),
             ),
             logp_correct: usize::from(policy_chosen > policy_rejected),
         });
@@ -173,7 +196,8 @@ impl DpoStats {
         self.mean(self.loss_sum)
     }
 
-    /// Fraction of pairs whose chosen response has the strictly higher implicit reward.
+    /// Fraction of pairs whose chosen response has the higher implicit reward, by more than
+    /// rounding noise ([`TIE_RELATIVE`]).
     pub fn reward_accuracy(&self) -> f64 {
         self.mean(self.reward_correct as f64)
     }
@@ -240,18 +264,32 @@ mod tests {
 
     #[test]
     fn rounding_noise_margins_are_ties_and_real_margins_count() {
-        // Reference scores off by float noise (1e-7 nats) from the policy's: ties, wrong.
-        let (c, r) = vars(&[-10.0, -10.0, -10.0], &[-12.0, -12.0, -12.0]);
+        // Long responses (sums of ~300 nats): the tolerance is 64ε·1200 ≈ 9e-3 nats.
+        let tol = TIE_RELATIVE * 1200.0;
+        assert!((tol - 9.155e-3).abs() < 1e-5, "{tol}");
+        let (c, r) = vars(&[-300.0; 5], &[-300.0; 5]);
         let refs = [
-            RefScores { chosen: -10.0 - 1e-7, rejected: -12.0 },
-            RefScores { chosen: -10.0 - 2e-4, rejected: -12.0 },
-            RefScores { chosen: -10.0 + 2e-4, rejected: -12.0 },
+            // What two f32 paths give for the same weights: a few ulps of 300 (3e-5 each),
+            // above an absolute 1e-4 but rounding noise all the same.
+            RefScores { chosen: -300.0 - 3e-4, rejected: -300.0 },
+            RefScores { chosen: -300.0 - 2e-3, rejected: -300.0 + 2e-3 },
+            // Real margins, small next to the sums: they count, whichever way they go.
+            RefScores { chosen: -300.0 - 0.05, rejected: -300.0 },
+            RefScores { chosen: -300.0 - 0.5, rejected: -300.0 },
+            RefScores { chosen: -300.0 + 0.05, rejected: -300.0 },
         ];
         let out = dpo_loss(c.as_tensor(), r.as_tensor(), &refs, 0.1).unwrap();
-        assert!(
-            (out.stats.reward_accuracy() - 1.0 / 3.0).abs() < 1e-12,
-            "only the 2e-4 win counts"
-        );
+        assert!((out.stats.reward_accuracy() - 2.0 / 5.0).abs() < 1e-12, "the 0.05 and 0.5 wins");
+        let ties: Vec<bool> = refs.iter().map(|r| is_tie(-300.0, -300.0, r)).collect();
+        assert_eq!(ties, [true, true, false, false, false]);
+
+        // Short responses (sums of ~5 nats): the tolerance shrinks with them (≈1.5e-4), so a
+        // 1e-3 margin is real there.
+        let short = RefScores { chosen: -5.0 - 1e-3, rejected: -5.0 };
+        assert!(!is_tie(-5.0, -5.0, &short));
+        assert!(is_tie(-5.0, -5.0, &RefScores { chosen: -5.0 - 1e-5, rejected: -5.0 }));
+        // Exactly equal sums, even all zero, are a tie.
+        assert!(is_tie(0.0, 0.0, &RefScores { chosen: 0.0, rejected: 0.0 }));
     }
 
     #[test]

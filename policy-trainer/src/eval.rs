@@ -4,28 +4,11 @@
 use anyhow::Result;
 use dpo_common::data::EncodedPair;
 use dpo_common::model::Llama;
-use serde::{Deserialize, Serialize};
 
 use crate::dpo;
+use crate::metrics::EvalResult;
+use crate::passes::{common_prefix, policy_logprobs};
 use crate::ref_client::ReferenceScorer;
-use crate::train::{common_prefix, policy_logprobs};
-
-/// One validation pass, averaged over the validation pairs.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-pub struct EvalResult {
-    pub loss: f64,
-    /// Smallest and largest per-pair loss (both ln 2 at step 0, when policy = reference).
-    pub loss_min: f64,
-    pub loss_max: f64,
-    /// Fraction of pairs with β(π_c − ref_c) > β(π_r − ref_r) (ties count as wrong).
-    pub reward_accuracy: f64,
-    /// Fraction of pairs with π_c > π_r.
-    pub logp_accuracy: f64,
-    pub chosen_reward: f64,
-    pub rejected_reward: f64,
-    pub margin: f64,
-    pub pairs: usize,
-}
 
 /// Scores `val` with the policy in chunks of `chunk` pairs, without gradients.
 pub fn evaluate(

@@ -20,17 +20,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    // Before any thread exists (see the functions' notes).
-    dpo_common::model::ops::fix_thread_count();
-    dpo_common::memory::use_one_malloc_arena();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only on a terminal: logs redirected to a file stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    dpo_common::startup::init(dpo_common::startup::Startup::TRAINER);
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => policy_trainer::train::run(*args).map(|summary| {

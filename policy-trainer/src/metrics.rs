@@ -16,6 +16,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 
+/// File name of the metrics log in the run's output directory.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
 /// One optimizer step (all values over that step's batch).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct TrainRecord {
@@ -37,19 +40,21 @@ pub struct TrainRecord {
     pub examples_per_second: f64,
 }
 
-/// One validation pass after `step` optimizer steps.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct EvalRecord {
-    pub step: usize,
-    pub examples_seen: usize,
+/// One validation pass, averaged over the validation pairs.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq)]
+pub struct EvalResult {
     #[serde(deserialize_with = "f64_or_nan")]
     pub loss: f64,
+    /// Smallest and largest per-pair loss (both ln 2 at step 0, when policy = reference).
     #[serde(deserialize_with = "f64_or_nan")]
     pub loss_min: f64,
     #[serde(deserialize_with = "f64_or_nan")]
     pub loss_max: f64,
+    /// Fraction of pairs whose chosen response has the higher implicit reward by more than
+    /// the tie tolerance (`dpo::is_tie`; ties count as wrong).
     #[serde(deserialize_with = "f64_or_nan")]
     pub reward_accuracy: f64,
+    /// Fraction of pairs with π_c > π_r.
     #[serde(deserialize_with = "f64_or_nan")]
     pub logp_accuracy: f64,
     #[serde(deserialize_with = "f64_or_nan")]
@@ -59,6 +64,16 @@ pub struct EvalRecord {
     #[serde(deserialize_with = "f64_or_nan")]
     pub margin: f64,
     pub pairs: usize,
+}
+
+/// One validation pass after `step` optimizer steps: its [`EvalResult`], where in the run it
+/// was taken and how long it took. The result's fields sit at the top level of the JSON line.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct EvalRecord {
+    pub step: usize,
+    pub examples_seen: usize,
+    #[serde(flatten)]
+    pub result: EvalResult,
     #[serde(deserialize_with = "f64_or_nan")]
     pub seconds: f64,
 }
@@ -223,15 +238,17 @@ mod tests {
         EvalRecord {
             step,
             examples_seen: step * 64,
-            loss: 0.6,
-            loss_min: 0.1,
-            loss_max: 1.2,
-            reward_accuracy: 0.55,
-            logp_accuracy: 0.45,
-            chosen_reward: 0.02,
-            rejected_reward: -0.01,
-            margin: 0.03,
-            pairs: 200,
+            result: EvalResult {
+                loss: 0.6,
+                loss_min: 0.1,
+                loss_max: 1.2,
+                reward_accuracy: 0.55,
+                logp_accuracy: 0.45,
+                chosen_reward: 0.02,
+                rejected_reward: -0.01,
+                margin: 0.03,
+                pairs: 200,
+            },
             seconds: 12.0,
         }
     }
@@ -239,7 +256,7 @@ mod tests {
     #[test]
     fn round_trip_with_kinds() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("metrics.jsonl");
+        let path = dir.path().join(METRICS_FILE);
         let mut log = MetricsLog::open(&path, None).unwrap();
         log.log_eval(&eval(0)).unwrap();
         log.log_train(&train(1)).unwrap();
@@ -257,10 +274,31 @@ mod tests {
         assert_eq!(read_metrics(&path).unwrap().0.len(), 0);
     }
 
+    /// The JSON line of an evaluation is flat (the result's fields beside `step` and
+    /// `seconds`), in this key order: readers of older runs' files and scripts rely on it.
+    #[test]
+    fn eval_lines_keep_their_flat_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(METRICS_FILE);
+        let mut log = MetricsLog::open(&path, None).unwrap();
+        log.log_eval(&eval(2)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text,
+            concat!(
+                r#"{"kind":"eval","step":2,"examples_seen":128,"loss":0.6,"loss_min":0.1,"#,
+                r#""loss_max":1.2,"reward_accuracy":0.55,"logp_accuracy":0.45,"#,
+                r#""chosen_reward":0.02,"rejected_reward":-0.01,"margin":0.03,"pairs":200,"#,
+                r#""seconds":12.0}"#,
+                "\n"
+            )
+        );
+    }
+
     #[test]
     fn non_finite_values_survive_as_nan() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("metrics.jsonl");
+        let path = dir.path().join(METRICS_FILE);
         let mut log = MetricsLog::open(&path, None).unwrap();
         let mut r = train(1);
         r.loss = f64::NAN;
@@ -269,12 +307,17 @@ mod tests {
         let (t, _) = read_metrics(&path).unwrap();
         assert!(t[0].loss.is_nan() && t[0].examples_per_second.is_nan());
         assert_eq!(t[0].grad_norm, 1.5);
+        let mut e = eval(1);
+        e.result.reward_accuracy = f64::NAN;
+        log.log_eval(&e).unwrap();
+        let (_, e) = read_metrics(&path).unwrap();
+        assert!(e[0].result.reward_accuracy.is_nan() && e[0].result.loss == 0.6);
     }
 
     #[test]
     fn resume_drops_later_steps_and_a_torn_line() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("metrics.jsonl");
+        let path = dir.path().join(METRICS_FILE);
         let mut log = MetricsLog::open(&path, None).unwrap();
         log.log_eval(&eval(0)).unwrap();
         for s in 1..=5 {
@@ -300,7 +343,7 @@ mod tests {
     #[test]
     fn resume_requires_the_file_and_reports_bad_lines() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("metrics.jsonl");
+        let path = dir.path().join(METRICS_FILE);
         let err = MetricsLog::open(&path, Some(3)).err().unwrap();
         assert!(format!("{err:#}").contains("cannot resume the metrics log"), "{err:#}");
         std::fs::write(&path, "{\"kind\":\"train\"}\n{}\n").unwrap();

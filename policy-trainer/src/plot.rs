@@ -1,5 +1,5 @@
-//! The training chart (`accuracy.png` in the output directory), redrawn after every
-//! evaluation from `metrics.jsonl`: validation reward and log-prob accuracy against steps
+//! The training chart ([`CHART_FILE`] in the output directory), redrawn after every
+//! evaluation from the metrics log ([`METRICS_FILE`](crate::metrics::METRICS_FILE)): validation reward and log-prob accuracy against steps
 //! (best point marked) above, training and validation DPO loss (with the ln 2 starting
 //! value) below.
 //!
@@ -38,7 +38,7 @@ fn ensure_font() -> Result<()> {
     ok.then_some(()).ok_or_else(|| anyhow!("the embedded chart font could not be loaded"))
 }
 
-/// Reads `metrics` (a `metrics.jsonl`) and draws the chart to `png`.
+/// Reads `metrics` (a [`METRICS_FILE`](crate::metrics::METRICS_FILE)) and draws the chart to `png`.
 pub fn render_from_file(metrics: &Path, png: &Path) -> Result<()> {
     let (train, eval) = read_metrics(metrics)?;
     render(&train, &eval, png)
@@ -114,8 +114,10 @@ fn accuracy_panel(
         .label("chance (0.5)")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], GUIDE_COLOR));
 
-    let reward: Vec<(f64, f64)> = finite(eval.iter().map(|r| (r.step as f64, r.reward_accuracy)));
-    let logp: Vec<(f64, f64)> = finite(eval.iter().map(|r| (r.step as f64, r.logp_accuracy)));
+    let reward: Vec<(f64, f64)> =
+        finite(eval.iter().map(|r| (r.step as f64, r.result.reward_accuracy)));
+    let logp: Vec<(f64, f64)> =
+        finite(eval.iter().map(|r| (r.step as f64, r.result.logp_accuracy)));
     for (points, color, label) in [
         (&reward, REWARD_COLOR, "implicit-reward accuracy"),
         (&logp, LOGP_COLOR, "log-prob accuracy (π_c > π_r)"),
@@ -171,7 +173,7 @@ fn loss_panel(
 ) -> Result<()> {
     let ln2 = std::f64::consts::LN_2;
     let train_pts = finite(train.iter().map(|r| (r.step as f64, r.loss)));
-    let eval_pts = finite(eval.iter().map(|r| (r.step as f64, r.loss)));
+    let eval_pts = finite(eval.iter().map(|r| (r.step as f64, r.result.loss)));
     let smooth = moving_average(&train_pts, 20);
     let (lo, hi) = train_pts
         .iter()
@@ -268,7 +270,7 @@ fn plot_err<E: std::fmt::Display>(err: E) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::MetricsLog;
+    use crate::metrics::{EvalResult, MetricsLog, METRICS_FILE};
 
     /// A plausible run: loss falling from ln 2 with noise, accuracy rising then flattening.
     fn synthetic_run(log: &mut MetricsLog, steps: usize) {
@@ -278,19 +280,21 @@ mod tests {
             EvalRecord {
                 step: s,
                 examples_seen: s * 64,
-                loss: std::f64::consts::LN_2 - 0.12 * t + 0.01 * wobble,
-                loss_min: 0.3,
-                loss_max: 1.1,
-                reward_accuracy: if s == 0 {
-                    0.0
-                } else {
-                    0.5 + 0.2 * (1.0 - (-4.0 * t).exp()) + 0.03 * wobble
+                result: EvalResult {
+                    loss: std::f64::consts::LN_2 - 0.12 * t + 0.01 * wobble,
+                    loss_min: 0.3,
+                    loss_max: 1.1,
+                    reward_accuracy: if s == 0 {
+                        0.0
+                    } else {
+                        0.5 + 0.2 * (1.0 - (-4.0 * t).exp()) + 0.03 * wobble
+                    },
+                    logp_accuracy: 0.45 + 0.1 * t + 0.02 * wobble,
+                    chosen_reward: 0.01 * t,
+                    rejected_reward: -0.05 * t,
+                    margin: 0.06 * t,
+                    pairs: 200,
                 },
-                logp_accuracy: 0.45 + 0.1 * t + 0.02 * wobble,
-                chosen_reward: 0.01 * t,
-                rejected_reward: -0.05 * t,
-                margin: 0.06 * t,
-                pairs: 200,
                 seconds: 10.0,
             }
         };
@@ -318,14 +322,28 @@ mod tests {
     #[test]
     fn renders_a_png_from_a_metrics_file() {
         let dir = tempfile::tempdir().unwrap();
-        let metrics = dir.path().join("metrics.jsonl");
+        let metrics = dir.path().join(METRICS_FILE);
         let mut log = MetricsLog::open(&metrics, None).unwrap();
         synthetic_run(&mut log, 200);
         let png = dir.path().join(CHART_FILE);
         render_from_file(&metrics, &png).unwrap();
-        let bytes = std::fs::read(&png).unwrap();
-        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
-        assert!(bytes.len() > 20_000, "a chart with text and lines, not a blank image");
+        let chart = Chart::read(&png);
+        assert_eq!((chart.width, chart.height), (WIDTH, HEIGHT));
+        let white = chart.count(|p| p == [255, 255, 255]);
+        assert!(white < chart.pixels.len() * 98 / 100, "not a blank image: {white} white");
+        assert!(chart.count(|p| p == [0, 0, 0]) > 2_000, "text and axes");
+        // Each curve in its panel: the accuracies above, the losses below.
+        for (color, half, what) in [
+            (REWARD_COLOR, Half::Top, "reward accuracy"),
+            (LOGP_COLOR, Half::Top, "log-prob accuracy"),
+            (TRAIN_SMOOTH_COLOR, Half::Bottom, "smoothed train loss"),
+            (EVAL_COLOR, Half::Bottom, "validation loss"),
+        ] {
+            let here = chart.count_in(color.rgb(), half);
+            let there = chart.count_in(color.rgb(), half.other());
+            assert!(here > 300, "{what}: only {here} pixels of its colour in its panel");
+            assert_eq!(there, 0, "{what} drawn in the wrong panel");
+        }
         // Only the chart is left: the temporary file was renamed into place.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
         if let Ok(copy) = std::env::var("CHART_CHECK_COPY") {
@@ -340,29 +358,99 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let png = dir.path().join(CHART_FILE);
         render(&[], &[], &png).unwrap();
+        let empty = Chart::read(&png);
+        assert!(empty.count(|p| p == [0, 0, 0]) > 500, "the title and axes are drawn");
+        let reward = empty.count_in(REWARD_COLOR.rgb(), Half::Top);
+        assert!(reward < 100, "the legend's sample only, no accuracy curve: {reward} pixels");
         let mut nan_eval = EvalRecord {
             step: 0,
             examples_seen: 0,
-            loss: f64::NAN,
-            loss_min: f64::NAN,
-            loss_max: f64::NAN,
-            reward_accuracy: f64::NAN,
-            logp_accuracy: f64::NAN,
-            chosen_reward: 0.0,
-            rejected_reward: 0.0,
-            margin: 0.0,
-            pairs: 0,
+            result: EvalResult {
+                loss: f64::NAN,
+                loss_min: f64::NAN,
+                loss_max: f64::NAN,
+                reward_accuracy: f64::NAN,
+                logp_accuracy: f64::NAN,
+                chosen_reward: 0.0,
+                rejected_reward: 0.0,
+                margin: 0.0,
+                pairs: 0,
+            },
             seconds: 0.0,
         };
         render(&[], std::slice::from_ref(&nan_eval), &png).unwrap();
-        nan_eval.loss = 0.69;
+        nan_eval.result.loss = 0.69;
         render(&[], &[nan_eval], &png).unwrap();
+        let one_point = Chart::read(&png);
+        assert_eq!((one_point.width, one_point.height), (WIDTH, HEIGHT));
+        assert!(
+            one_point.count_in(EVAL_COLOR.rgb(), Half::Bottom) > 0,
+            "the one validation loss is drawn"
+        );
     }
 
     #[test]
     fn missing_directory_is_an_error_naming_the_file() {
-        let err = render(&[], &[], Path::new("/nonexistent-dir/accuracy.png")).unwrap_err();
-        assert!(format!("{err:#}").contains("accuracy.png"), "{err:#}");
+        let err = render(&[], &[], &Path::new("/nonexistent-dir").join(CHART_FILE)).unwrap_err();
+        assert!(format!("{err:#}").contains(CHART_FILE), "{err:#}");
+    }
+
+    /// A decoded chart: its size and RGB pixels, row by row.
+    struct Chart {
+        width: u32,
+        height: u32,
+        pixels: Vec<[u8; 3]>,
+    }
+
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Half {
+        Top,
+        Bottom,
+    }
+
+    impl Half {
+        fn other(self) -> Half {
+            match self {
+                Half::Top => Half::Bottom,
+                Half::Bottom => Half::Top,
+            }
+        }
+    }
+
+    impl Chart {
+        fn read(path: &Path) -> Chart {
+            let decoder = png::Decoder::new(std::fs::File::open(path).unwrap());
+            let mut reader = decoder.read_info().unwrap();
+            let mut buf = vec![0; reader.output_buffer_size()];
+            let info = reader.next_frame(&mut buf).unwrap();
+            assert_eq!(info.bit_depth, png::BitDepth::Eight);
+            let channels = match info.color_type {
+                png::ColorType::Rgb => 3,
+                png::ColorType::Rgba => 4,
+                other => panic!("unexpected PNG colour type {other:?}"),
+            };
+            let pixels = buf[..info.buffer_size()]
+                .chunks_exact(channels)
+                .map(|p| [p[0], p[1], p[2]])
+                .collect::<Vec<_>>();
+            assert_eq!(pixels.len(), (info.width * info.height) as usize);
+            Chart { width: info.width, height: info.height, pixels }
+        }
+
+        fn count(&self, pred: impl Fn([u8; 3]) -> bool) -> usize {
+            self.pixels.iter().filter(|&&p| pred(p)).count()
+        }
+
+        /// Pixels of exactly `rgb` in the top or bottom half of the image.
+        fn count_in(&self, rgb: (u8, u8, u8), half: Half) -> usize {
+            let rgb = [rgb.0, rgb.1, rgb.2];
+            let middle = (self.width * self.height / 2) as usize;
+            let (from, to) = match half {
+                Half::Top => (0, middle),
+                Half::Bottom => (middle, self.pixels.len()),
+            };
+            self.pixels[from..to].iter().filter(|&&p| p == rgb).count()
+        }
     }
 
     #[test]

@@ -107,8 +107,8 @@ where
 }
 
 impl ReferenceScorer {
-    /// Connects (retrying while the server is not up yet, within the timeout) and fetches
-    /// the server's `ModelInfo`.
+    /// Connects (waiting, within the timeout, while the server is not up yet or still
+    /// loading its model) and fetches the server's `ModelInfo`.
     pub fn connect(options: ScorerOptions, cache: RefCache) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -119,10 +119,10 @@ impl ReferenceScorer {
         let stats = Arc::new(Mutex::new(ScorerStats::default()));
         let url = options.client.url.clone();
         let (client, info) = runtime.block_on(async {
-            let client = with_retry("connecting", &url, options.timeout, &stats, || {
-                RefClient::connect(&options.client)
-            })
-            .await?;
+            // Waits for a server that is not up yet or still loading, up to the timeout.
+            let client = RefClient::wait_until_serving(&options.client, options.timeout)
+                .await
+                .map_err(|e| anyhow!("connecting: {e}"))?;
             let info = with_retry("asking for ModelInfo", &url, options.timeout, &stats, || {
                 let c = client.clone();
                 async move { c.model_info().await }

@@ -1,10 +1,12 @@
 //! A plain-Rust client for the `dpo.v1.Reference` service: connection set-up (plain or TLS,
-//! bearer token), the calls the trainer and the scoring CLI make, and errors that name the
-//! server and say whether retrying can help. The wire types stay in [`crate::v1`]; callers
-//! that only score DPO pairs never touch them ([`RefClient::score_pairs`]).
+//! bearer token), waiting for a server that is still loading its model or not listening yet
+//! ([`RefClient::connect_waiting`]), the calls the trainer and the scoring CLI make, and
+//! errors that name the server and say whether retrying can help. The wire types stay in
+//! [`crate::v1`]; callers that only score DPO pairs never touch them
+//! ([`RefClient::score_pairs`]).
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -14,6 +16,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+use crate::token::TokenError;
 use crate::v1;
 use crate::v1::reference_client::ReferenceClient;
 
@@ -31,6 +34,8 @@ pub struct ClientOptions {
     pub ca_cert: Option<PathBuf>,
     /// Name to verify the server certificate against (default: the URL's host).
     pub tls_domain: Option<String>,
+    /// How long one connection attempt may take; [`RefClient::connect_waiting`] also waits
+    /// this long, in all, for the server to report SERVING.
     pub connect_timeout: Duration,
     /// Largest message sent or accepted, in bytes.
     pub max_message_bytes: usize,
@@ -81,6 +86,12 @@ pub enum ClientError {
     #[error("invalid bearer token: {0}")]
     BadToken(String),
 
+    #[error(transparent)]
+    Token(#[from] TokenError),
+
+    #[error("no reference server URL given (--server)")]
+    NoServer,
+
     #[error("cannot reach reference server at {url}: {message}")]
     Connect { url: String, message: String },
 
@@ -89,6 +100,17 @@ pub enum ClientError {
 
     #[error("reference server at {url} sent an unexpected reply: {message}")]
     Protocol { url: String, message: String },
+
+    /// [`RefClient::wait_until_serving`] ran out of time; `last` is why the last attempt
+    /// was not ready (connection refused, still loading, ...).
+    /// `answered`: whether the server answered at all on the last attempt (it was up but
+    /// not SERVING) or stayed unreachable.
+    #[error(
+        "reference server at {url} {} for {}s; last: {last}",
+        if *answered { "was up but not SERVING" } else { "was unreachable" },
+        waited.as_secs_f64().round()
+    )]
+    NotServing { url: String, waited: Duration, answered: bool, last: String },
 }
 
 impl ClientError {
@@ -96,7 +118,7 @@ impl ClientError {
     /// opposed to a request or configuration the server will refuse again.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Connect { .. } => true,
+            ClientError::Connect { .. } | ClientError::NotServing { .. } => true,
             ClientError::Status { code, .. } => {
                 matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted)
             }
@@ -109,6 +131,17 @@ impl ClientError {
         match self {
             ClientError::Status { code, .. } => Some(*code),
             _ => None,
+        }
+    }
+
+    /// The message without the server's URL, for an error that names the server itself.
+    fn reason(&self) -> String {
+        match self {
+            ClientError::Connect { message, .. } | ClientError::Protocol { message, .. } => {
+                message.clone()
+            }
+            ClientError::Status { code, message, .. } => format!("{}: {message}", code_name(*code)),
+            other => other.to_string(),
         }
     }
 
@@ -135,6 +168,13 @@ impl tonic::service::Interceptor for BearerAuth {
 }
 
 type Inner = ReferenceClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Pauses between attempts while waiting for a server: short at first, since a small model
+/// loads in about a second, doubling up to [`MAX_PAUSE`] so a long load is not polled hard.
+const FIRST_PAUSE: Duration = Duration::from_millis(50);
+const MAX_PAUSE: Duration = Duration::from_secs(1);
+/// The least time one attempt gets, however close the deadline.
+const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 
 /// A connection to one reference server. Cheap to clone; clones share the connection.
 #[derive(Clone)]
@@ -179,10 +219,7 @@ impl RefClient {
         } else {
             return Err(bad_url("expected http://host:port or https://host:port".into()));
         };
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| ClientError::Connect { url: url.clone(), message: error_chain(&e) })?;
+        // Checked before connecting: waiting for the server cannot fix a bad token.
         let header = match &opts.token {
             None => None,
             Some(t) => Some(
@@ -191,11 +228,92 @@ impl RefClient {
                     .map_err(|_| ClientError::BadToken("not printable ASCII".into()))?,
             ),
         };
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| ClientError::Connect { url: url.clone(), message: error_chain(&e) })?;
         let inner = ReferenceClient::with_interceptor(channel.clone(), BearerAuth { header })
             .max_decoding_message_size(opts.max_message_bytes)
             .max_encoding_message_size(opts.max_message_bytes);
         let health = HealthClient::new(channel);
         Ok(RefClient { url, inner, health })
+    }
+
+    /// [`connect`](Self::connect), then waits until the server reports SERVING: a server
+    /// still loading its model, not listening yet or briefly unreachable is retried with
+    /// backoff for up to `opts.connect_timeout` in all. Every client that is about to use
+    /// a server connects this way.
+    pub async fn connect_waiting(opts: &ClientOptions) -> Result<RefClient, ClientError> {
+        Self::wait_until_serving(opts, opts.connect_timeout).await
+    }
+
+    /// Connects and waits until the server's health check reports SERVING, for at most
+    /// `patience` (each attempt limited by `opts.connect_timeout` as well). Errors that
+    /// waiting cannot fix (a bad URL, CA file or token) return at once; running out of
+    /// time is [`ClientError::NotServing`], naming the URL and the last reason.
+    pub async fn wait_until_serving(
+        opts: &ClientOptions,
+        patience: Duration,
+    ) -> Result<RefClient, ClientError> {
+        let started = Instant::now();
+        let deadline = started + patience;
+        let mut pause = FIRST_PAUSE;
+        let mut announced = false;
+        loop {
+            // Each attempt gets at least a moment, so that a zero patience still tries once.
+            let limit = deadline.saturating_duration_since(Instant::now()).max(MIN_ATTEMPT);
+            let (answered, last) =
+                match tokio::time::timeout(limit, Self::connect_if_serving(opts)).await {
+                    Ok(Ok(client)) => {
+                        if announced {
+                            tracing::info!(
+                                "reference server at {} is SERVING after {:.1}s",
+                                client.url,
+                                started.elapsed().as_secs_f64()
+                            );
+                        }
+                        return Ok(client);
+                    }
+                    Ok(Err(e)) if !e.is_retryable() => return Err(e),
+                    Ok(Err(e)) => (matches!(e, ClientError::Status { .. }), e.reason()),
+                    Err(_) => (false, format!("no answer within {:.1}s", limit.as_secs_f64())),
+                };
+            let url = opts.url.trim();
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::NotServing {
+                    url: url.to_string(),
+                    waited: started.elapsed(),
+                    answered,
+                    last,
+                });
+            }
+            if !announced {
+                tracing::info!(
+                    "waiting up to {}s for the reference server at {url}: {last}",
+                    patience.as_secs()
+                );
+                announced = true;
+            }
+            // The last attempt comes at the deadline itself.
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(MAX_PAUSE);
+        }
+    }
+
+    /// One attempt of [`wait_until_serving`](Self::wait_until_serving): a server that
+    /// answers but is not SERVING yet is a retryable `UNAVAILABLE`.
+    async fn connect_if_serving(opts: &ClientOptions) -> Result<RefClient, ClientError> {
+        let client = Self::connect(opts).await?;
+        if client.health().await? {
+            Ok(client)
+        } else {
+            Err(ClientError::Status {
+                url: client.url.clone(),
+                code: Code::Unavailable,
+                message: "health check reports NOT_SERVING (the model is still loading)".into(),
+            })
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -379,6 +497,115 @@ mod tests {
         let err = RefClient::connect(&opts).await.err().expect("connect must fail");
         assert!(err.is_retryable(), "{err}");
         assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+    }
+
+    /// A stand-in server with only the health service, NOT_SERVING (loading) until
+    /// `serving_after`, on `listener`; stops when the returned sender is dropped.
+    fn health_server(
+        listener: tokio::net::TcpListener,
+        serving_after: Duration,
+    ) -> tokio::sync::oneshot::Sender<()> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (reporter, health) = tonic_health::server::health_reporter();
+            reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            tokio::spawn(async move {
+                tokio::time::sleep(serving_after).await;
+                reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+            });
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                )
+                .await
+                .expect("health server");
+        });
+        stop
+    }
+
+    fn options(addr: std::net::SocketAddr, timeout: Duration) -> ClientOptions {
+        ClientOptions {
+            url: format!("http://{addr}"),
+            connect_timeout: timeout,
+            ..ClientOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn waits_for_a_loading_server() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let opts = options(listener.local_addr().unwrap(), Duration::from_secs(20));
+        let _stop = health_server(listener, Duration::from_millis(600));
+        // Up but loading: a plain connect answers NOT_SERVING, the waiting one waits.
+        let early = RefClient::connect(&opts).await.unwrap();
+        assert!(!early.health().await.unwrap());
+        let t = Instant::now();
+        let client = RefClient::connect_waiting(&opts).await.unwrap();
+        assert!(client.health().await.unwrap());
+        assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
+    }
+
+    #[tokio::test]
+    async fn waits_for_a_server_that_is_not_listening_yet() {
+        // A free port, closed again; the server binds it only after the client has started.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let opts = options(addr, Duration::from_secs(20));
+        let waiting = tokio::spawn(async move { RefClient::connect_waiting(&opts).await });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!waiting.is_finished());
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let _stop = health_server(listener, Duration::ZERO);
+        let client = waiting.await.unwrap().unwrap();
+        assert!(client.health().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn gives_up_at_the_deadline_naming_the_server_and_why() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _stop = health_server(listener, Duration::from_secs(3600));
+        let t = Instant::now();
+        let err = RefClient::connect_waiting(&options(addr, Duration::from_secs(1)))
+            .await
+            .err()
+            .expect("never SERVING");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("http://{addr}")), "{msg}");
+        assert!(msg.contains("NOT_SERVING") && msg.contains("up but not SERVING"), "{msg}");
+        assert!(matches!(err, ClientError::NotServing { answered: true, .. }));
+
+        // Nothing listening: the last reason is the refused connection.
+        let err = RefClient::wait_until_serving(
+            &options("127.0.0.1:1".parse().unwrap(), Duration::from_secs(2)),
+            Duration::from_millis(500),
+        )
+        .await
+        .err()
+        .expect("nothing listens there");
+        let msg = err.to_string();
+        assert!(msg.contains("127.0.0.1:1") && msg.contains("unreachable"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn errors_waiting_cannot_fix_return_at_once() {
+        let t = Instant::now();
+        let opts = ClientOptions {
+            url: "http://127.0.0.1:1".into(),
+            token: Some("bad\ntoken".into()),
+            connect_timeout: Duration::from_secs(30),
+            ..ClientOptions::default()
+        };
+        let err = RefClient::connect_waiting(&opts).await.err().expect("bad token");
+        assert!(matches!(err, ClientError::BadToken(_)), "{err}");
+        let opts = ClientOptions { url: "ftp://x".into(), ..opts };
+        let err = RefClient::connect_waiting(&opts).await.err().expect("bad URL");
+        assert!(matches!(err, ClientError::BadUrl { .. }), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(5));
     }
 
     #[tokio::test]

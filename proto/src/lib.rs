@@ -1,6 +1,7 @@
 //! The `dpo.v1` gRPC API shared by `ref-server` (which serves it) and every client
-//! (`policy-trainer`, `ref-server score --server`, `dpo-eval --server`), and the bearer-token
-//! loader they all share ([`token`]). Source of truth: `proto/dpo/v1/*.proto`.
+//! (`policy-trainer`, `ref-server score --server`, `dpo-eval --server`): the client
+//! ([`client`]), the connection flags they all take ([`connect`]) and the bearer-token loader
+//! ([`token`]). Source of truth: `proto/dpo/v1/*.proto`.
 
 pub mod v1 {
     tonic::include_proto!("dpo.v1");
@@ -10,4 +11,5 @@ pub mod v1 {
 }
 
 pub mod client;
+pub mod connect;
 pub mod token;

@@ -11,6 +11,7 @@ use dpo_proto::token::load_token;
 use ref_server::config::LimitArgs;
 use ref_server::connect::ConnectArgs;
 use ref_server::engine::Engine;
+use ref_server::health_cli::{self, HealthArgs};
 use ref_server::score_cli::{self, ScoreOptions, Scorer};
 use ref_server::server::{serve, ServeOptions};
 
@@ -31,8 +32,8 @@ enum Command {
     Serve(ServeArgs),
     /// Score a JSONL file against a server (--server) or a local model (--model).
     Score(ScoreArgs),
-    /// Exit 0 iff the server's health check reports SERVING.
-    Health(ConnectArgs),
+    /// Exit 0 iff the server's health check reports SERVING (with --wait: once it does).
+    Health(HealthArgs),
     /// Print the server's ModelInfo as JSON.
     Info(ConnectArgs),
 }
@@ -99,20 +100,9 @@ struct ScoreArgs {
     connect: ConnectArgs,
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only on a terminal: logs redirected to a file stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
 fn main() -> ExitCode {
     // Before the runtime's threads exist (see the function's note).
-    dpo_common::model::ops::fix_thread_count();
+    dpo_common::startup::init(dpo_common::startup::Startup::SERVER);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -124,7 +114,6 @@ fn main() -> ExitCode {
 }
 
 async fn async_main() -> ExitCode {
-    init_logging();
     match run(Cli::parse()).await {
         Ok(code) => code,
         Err(e) => {
@@ -172,15 +161,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let n = score_cli::run(&scorer, &opts).await?;
             tracing::info!("scored {n} lines");
         }
-        Command::Health(a) => {
-            let client = a.connect().await?;
-            if client.health().await? {
-                println!("SERVING");
-            } else {
-                eprintln!("{} is up but NOT_SERVING (still loading the model?)", client.url());
-                return Ok(ExitCode::from(1));
-            }
-        }
+        Command::Health(a) => return health_cli::run(&a).await,
         Command::Info(a) => {
             let info = a.connect().await?.model_info().await?;
             println!("{}", serde_json::to_string_pretty(&info_json(&info))?);
@@ -221,7 +202,8 @@ mod tests {
 
     fn connect(args: &[&str]) -> ConnectArgs {
         match parse(args).unwrap().command {
-            Command::Health(c) | Command::Info(c) => c,
+            Command::Health(h) => h.connect,
+            Command::Info(c) => c,
             Command::Score(s) => s.connect,
             Command::Serve(_) => panic!("serve has no connection flags"),
         }
@@ -257,6 +239,17 @@ mod tests {
         // health and info default to serve's default address.
         assert_eq!(connect(&["health"]).server.as_deref(), Some("http://127.0.0.1:50051"));
         assert_eq!(connect(&["info"]).connect_timeout, 10);
+    }
+
+    #[test]
+    fn health_waits_only_when_asked() {
+        let Command::Health(h) = parse(&["health"]).unwrap().command else { panic!() };
+        assert_eq!((h.wait, h.server_pid), (None, None));
+        let args = ["health", "--server", "http://h:1", "--wait", "30", "--server-pid", "42"];
+        let Command::Health(h) = parse(&args).unwrap().command else { panic!() };
+        assert_eq!((h.wait, h.server_pid), (Some(30), Some(42)));
+        // A process to watch only makes sense while waiting.
+        assert!(parse(&["health", "--server-pid", "42"]).is_err());
     }
 
     #[test]

@@ -5,12 +5,13 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result};
 use dpo_proto::v1;
 use dpo_proto::v1::reference_server::ReferenceServer;
+use tonic::transport::server::Router;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
@@ -34,6 +35,11 @@ pub struct ServeOptions {
 
 const REFERENCE_SERVICE: &str = "dpo.v1.Reference";
 
+/// The model once loaded; the service answers `UNAVAILABLE` until it is set.
+type EngineCell = Arc<OnceLock<Arc<Engine>>>;
+
+/// Serves until SIGINT/SIGTERM (then finishes in-flight requests) or until loading the
+/// model fails (returned as the error).
 pub async fn serve(opts: ServeOptions) -> Result<()> {
     // A mistyped path fails before the address is announced; loading itself runs after.
     if !opts.model.exists() {
@@ -48,9 +54,32 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     let addr: SocketAddr = listener.local_addr().context("reading the bound address")?;
 
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_service_status("", ServingStatus::NotServing).await;
-    reporter.set_service_status(REFERENCE_SERVICE, ServingStatus::NotServing).await;
+    set_serving(&reporter, ServingStatus::NotServing).await;
+    let engine_cell: EngineCell = Arc::new(OnceLock::new());
+    let router = services(&opts, health, engine_cell.clone())?;
 
+    announce(addr, &opts)?;
+    let load_failed = load_in_background(&opts, engine_cell, reporter);
+    serve_until_shutdown(router, listener, shutdown_requested, load_failed).await
+}
+
+/// The health status of the whole server and of the `Reference` service, which move
+/// together (both follow the model's loading).
+async fn set_serving(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(REFERENCE_SERVICE, status).await;
+}
+
+/// Every service behind one router, over TLS when a certificate is given: health,
+/// reflection (both versions grpcurl may ask for) and `Reference` behind the bearer-token
+/// check and the request-size limit.
+fn services(
+    opts: &ServeOptions,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    engine_cell: EngineCell,
+) -> Result<Router> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -62,8 +91,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         .build_v1alpha()
         .context("building the reflection service")?;
 
-    let engine_cell: Arc<OnceLock<Arc<Engine>>> = Arc::new(OnceLock::new());
-    let reference = ReferenceServer::new(ReferenceService::new(engine_cell.clone()))
+    let reference = ReferenceServer::new(ReferenceService::new(engine_cell))
         .max_decoding_message_size(opts.limits.max_message_bytes)
         .max_encoding_message_size(usize::MAX);
     let reference = tonic::service::interceptor::InterceptedService::new(
@@ -74,21 +102,27 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
 
     let mut builder = Server::builder();
     if let Some((cert, key)) = &opts.tls {
-        let read = |p: &PathBuf, what: &str| {
-            std::fs::read(p).with_context(|| format!("cannot read the TLS {what} {}", p.display()))
-        };
-        let identity = Identity::from_pem(read(cert, "certificate")?, read(key, "key")?);
-        builder = builder
-            .tls_config(ServerTlsConfig::new().identity(identity))
-            .context("invalid TLS certificate or key")?;
+        builder =
+            builder.tls_config(tls_config(cert, key)?).context("invalid TLS certificate or key")?;
     }
-    let router = builder
+    Ok(builder
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(reference);
+        .add_service(reference))
+}
 
-    // The one line scripts wait for; everything else goes to stderr.
+fn tls_config(cert: &Path, key: &Path) -> Result<ServerTlsConfig> {
+    let read = |p: &Path, what: &str| {
+        std::fs::read(p).with_context(|| format!("cannot read the TLS {what} {}", p.display()))
+    };
+    let identity = Identity::from_pem(read(cert, "certificate")?, read(key, "key")?);
+    Ok(ServerTlsConfig::new().identity(identity))
+}
+
+/// Prints `listening on ADDR` to stdout: the one line scripts wait for (everything else
+/// goes to stderr).
+fn announce(addr: SocketAddr, opts: &ServeOptions) -> Result<()> {
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {addr}").context("writing to stdout")?;
@@ -101,40 +135,57 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         "serving; loading the model {}",
         opts.model.display()
     );
+    Ok(())
+}
 
-    let (load_failed_tx, load_failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
-    {
-        let opts = opts.clone();
-        let reporter = reporter.clone();
-        tokio::spawn(async move {
-            let loaded = tokio::task::spawn_blocking(move || {
-                Engine::load(&opts.model, &opts.device, &opts.dtype, &opts.limits)
-            })
-            .await;
-            match loaded {
-                Ok(Ok(engine)) => {
-                    let _ = engine_cell.set(Arc::new(engine));
-                    reporter.set_service_status("", ServingStatus::Serving).await;
-                    reporter.set_service_status(REFERENCE_SERVICE, ServingStatus::Serving).await;
-                    tracing::info!("SERVING");
-                }
-                Ok(Err(e)) => {
-                    let _ = load_failed_tx.send(e);
-                }
-                Err(e) => {
-                    let _ = load_failed_tx.send(anyhow::anyhow!("model loading panicked: {e}"));
-                }
+/// Loads the model on a blocking thread while the server already answers (health:
+/// NOT_SERVING; `Reference`: UNAVAILABLE). Once loaded the engine is set and health
+/// reports SERVING; a failure arrives on the returned channel. The sender is dropped on
+/// success, so the receiver then resolves to an error.
+fn load_in_background(
+    opts: &ServeOptions,
+    engine_cell: EngineCell,
+    reporter: tonic_health::server::HealthReporter,
+) -> tokio::sync::oneshot::Receiver<anyhow::Error> {
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+    let opts = opts.clone();
+    tokio::spawn(async move {
+        let loaded = tokio::task::spawn_blocking(move || {
+            Engine::load(&opts.model, &opts.device, &opts.dtype, &opts.limits)
+        })
+        .await;
+        match loaded {
+            Ok(Ok(engine)) => {
+                let _ = engine_cell.set(Arc::new(engine));
+                set_serving(&reporter, ServingStatus::Serving).await;
+                tracing::info!("SERVING");
             }
-        });
-    }
+            Ok(Err(e)) => {
+                let _ = failed_tx.send(e);
+            }
+            Err(e) => {
+                let _ = failed_tx.send(anyhow::anyhow!("model loading panicked: {e}"));
+            }
+        }
+    });
+    failed_rx
+}
 
+/// Serves the listener until a shutdown signal (in-flight requests finish first) or a
+/// failed model load, which is returned as the error.
+async fn serve_until_shutdown(
+    router: Router,
+    listener: tokio::net::TcpListener,
+    shutdown_requested: impl std::future::Future<Output = ()>,
+    load_failed: tokio::sync::oneshot::Receiver<anyhow::Error>,
+) -> Result<()> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let mut load_error = None;
     let shutdown = async {
         tokio::select! {
             _ = shutdown_requested => tracing::info!("shutting down: finishing in-flight requests"),
             // A dropped sender means the model loaded: that branch is then disabled.
-            Ok(e) = load_failed_rx => load_error = Some(e),
+            Ok(e) = load_failed => load_error = Some(e),
         }
     };
     router.serve_with_incoming_shutdown(incoming, shutdown).await.context("serving")?;

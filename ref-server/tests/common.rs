@@ -1,6 +1,6 @@
 //! Test fixture: a tiny random checkpoint and the real `ref-server` binary on an ephemeral
-//! loopback port (the address read back from its `listening on` line; readiness by polling
-//! the health check, never by sleeping a fixed time).
+//! loopback port (the address read back from its `listening on` line; readiness by the
+//! clients' own wait for a SERVING health check, never by sleeping a fixed time).
 
 #![allow(dead_code)]
 
@@ -100,9 +100,24 @@ impl Server {
         (server, Logs { rx, seen: Vec::new() })
     }
 
+    /// [`Server::start`] on a given address instead of an ephemeral port.
+    pub fn start_on(model: &Path, listen: &str) -> Server {
+        Self::spawn_on(model, listen, &[], &[], Stdio::inherit())
+    }
+
     fn spawn(model: &Path, extra: &[&str], envs: &[(&str, &str)], stderr: Stdio) -> Server {
+        Self::spawn_on(model, "127.0.0.1:0", extra, envs, stderr)
+    }
+
+    fn spawn_on(
+        model: &Path,
+        listen: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Server {
         let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--model"]).arg(model).args(["--listen", "127.0.0.1:0"]).args(extra);
+        cmd.args(["serve", "--model"]).arg(model).args(["--listen", listen]).args(extra);
         cmd.env_remove("DPO_AUTH_TOKEN");
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
@@ -128,18 +143,12 @@ impl Server {
         ClientOptions { url: self.url.clone(), ..ClientOptions::default() }
     }
 
-    /// Connects and waits (polling health) until the model is loaded.
+    /// Connects and waits until the model is loaded (the clients' own wait, with a
+    /// deadline).
     pub async fn ready_client(&self, opts: &ClientOptions) -> RefClient {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(c) = RefClient::connect(opts).await {
-                if c.health().await.unwrap_or(false) {
-                    return c;
-                }
-            }
-            assert!(Instant::now() < deadline, "server at {} never became SERVING", self.url);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        RefClient::wait_until_serving(opts, Duration::from_secs(120))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn terminate(&mut self) -> std::process::ExitStatus {

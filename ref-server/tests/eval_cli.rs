@@ -7,6 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use ref_server::eval::win_rate;
 use serde_json::Value;
 
 const EVAL: &str = env!("CARGO_BIN_EXE_dpo-eval");
@@ -135,7 +136,7 @@ fn judged_alpacaeval_and_safety_through_a_real_server() {
     let wr = r["metrics"]["win_rate"].as_f64().unwrap();
     let lc = r["metrics"]["lc_win_rate_approx"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&wr) && (0.0..=1.0).contains(&lc));
-    // Win rate is the share of preferences above ½ (ties ½), recomputed from the examples.
+    // The headline win rate is the one the per-example preferences give.
     let prefs: Vec<f64> = r["examples"]
         .as_array()
         .unwrap()
@@ -143,20 +144,7 @@ fn judged_alpacaeval_and_safety_through_a_real_server() {
         .map(|e| e["preference"].as_f64().unwrap())
         .collect();
     assert_eq!(prefs.len(), 3);
-    let expect = prefs
-        .iter()
-        .map(|&p| {
-            if p > 0.5 {
-                1.0
-            } else if p == 0.5 {
-                0.5
-            } else {
-                0.0
-            }
-        })
-        .sum::<f64>()
-        / 3.0;
-    assert!((wr - expect).abs() < 1e-12);
+    assert!((wr - win_rate(&prefs)).abs() < 1e-12);
     assert!(prefs.iter().all(|&p| p > 0.0 && p < 1.0));
 
     let sst = fixture("simple_safety_tests.csv");

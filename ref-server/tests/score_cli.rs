@@ -1,4 +1,5 @@
-//! `ref-server score` on a small JSONL, both line forms, against a server and locally.
+//! `ref-server score` on a small JSONL, both line forms, against a server and locally, and
+//! against a server that is still loading its model.
 
 mod common;
 
@@ -84,4 +85,35 @@ async fn scores_jsonl_locally_and_remotely_alike() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
+}
+
+/// `score --server` started right after the server's `listening on` line, while the model
+/// still loads: the client waits for SERVING (up to its --connect-timeout) and succeeds.
+#[test]
+fn score_waits_for_a_server_that_is_still_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    // A real model: loading it takes long enough for the client to find it loading.
+    let model = dpo_common::testing::smollm2_gguf();
+    let server = Server::start(&model, &[], &[]);
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"prompt\":\"Say hi\",\"response\":\"hi!\"}\n").unwrap();
+    let out = score(
+        &["--server", &server.url, "--connect-timeout", "120"],
+        &input,
+        &dir.path().join("out.jsonl"),
+    );
+    assert_eq!(out.len(), 1);
+    assert!(out[0]["logprob"].as_f64().unwrap() < 0.0, "{:?}", out[0]);
+
+    // Where nothing listens, the wait ends at --connect-timeout with an error naming the URL.
+    let t = std::time::Instant::now();
+    let failed = Command::new(BIN)
+        .args(["score", "--server", "http://127.0.0.1:1", "--connect-timeout", "1"])
+        .args(["--input", input.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("http://127.0.0.1:1") && stderr.contains("not SERVING"), "{stderr}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
 }

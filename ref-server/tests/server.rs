@@ -401,3 +401,36 @@ async fn pair_items_score_like_single_items() {
         }
     }
 }
+
+/// `ref-server health --wait`: a client that starts waiting before the server exists
+/// succeeds once the server is up and loaded; one whose server never starts gives up at
+/// its deadline, naming the URL and the last error.
+#[test]
+fn health_waits_for_a_server_started_later_and_gives_up_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    // A free port, closed again; the server is started on it after the client.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let url = format!("http://{addr}");
+    let waiting = std::process::Command::new(BIN)
+        .args(["health", "--server", &url, "--wait", "60"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let _server = Server::start_on(&model, &addr.to_string());
+    let out = waiting.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SERVING");
+
+    let t = std::time::Instant::now();
+    let never = std::process::Command::new(BIN)
+        .args(["health", "--server", "http://127.0.0.1:1", "--wait", "1"])
+        .output()
+        .unwrap();
+    assert!(!never.status.success());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let stderr = String::from_utf8_lossy(&never.stderr);
+    assert!(stderr.contains("http://127.0.0.1:1 was unreachable for 1s"), "{stderr}");
+    assert!(stderr.to_lowercase().contains("refused"), "{stderr}");
+}

@@ -26,10 +26,9 @@ for _ in $(seq 600); do
   kill -0 $pid 2>/dev/null || { cat "$work/log" >&2; exit 1; }
   sleep 0.1
 done
-until "$bin/ref-server" health --server "http://$addr" >/dev/null 2>&1; do
-  kill -0 $pid 2>/dev/null || { cat "$work/log" >&2; exit 1; }
-  sleep 0.2
-done
+[[ -n $addr ]] || { echo "no 'listening on' line within 60 s" >&2; cat "$work/log" >&2; exit 1; }
+"$bin/ref-server" health --server "http://$addr" --wait 600 --server-pid $pid >/dev/null \
+  || { cat "$work/log" >&2; exit 1; }
 "$bin/examples/server_load" --server "http://$addr" --model "$model" --hh "$hh" "$@"
 
 py=${TORCH_PYTHON:-python3}

@@ -54,9 +54,13 @@ ours() {
   /usr/bin/time -f '%M' -o "$dir/server.rss" \
     "$bin/ref-server" serve --model "$gguf" --listen 127.0.0.1:0 >"$dir/server.out" 2>"$dir/server.log" &
   server_pid=$!
-  local addr=""
-  until [[ -n $addr ]]; do sleep 0.2; addr=$(sed -n 's/^listening on //p' "$dir/server.out"); done
-  until "$bin/ref-server" health --server "http://$addr" >/dev/null 2>&1; do sleep 0.2; done
+  local addr="" tries=0
+  until [[ -n $addr ]]; do
+    (( ++tries <= 300 )) || { echo "no 'listening on' line within 60 s" >&2; cat "$dir/server.log" >&2; return 1; }
+    sleep 0.2; addr=$(sed -n 's/^listening on //p' "$dir/server.out")
+  done
+  "$bin/ref-server" health --server "http://$addr" --wait 600 --server-pid "$server_pid" >/dev/null \
+    || { cat "$dir/server.log" >&2; return 1; }
   /usr/bin/time -f '%M' -o "$dir/trainer.rss" \
     "$bin/policy-trainer" train --model "$gguf" --ref-server "http://$addr" --data "$work/pairs.jsonl" \
       --out "$dir/out" --val-size 0 --batch-size "$n" --micro-batch "$micro" --max-steps 1 \

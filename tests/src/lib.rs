@@ -4,7 +4,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use dpo_common::testing::workspace_root;
 
@@ -35,7 +34,7 @@ pub struct Server {
 
 impl Server {
     /// Starts `ref-server serve --listen 127.0.0.1:0 ARGS`, reads the bound address from
-    /// its `listening on` line and polls its health check until SERVING.
+    /// its `listening on` line and waits (`ref-server health --wait`) until SERVING.
     pub fn start(model: &Path, extra: &[&str], log_dir: &Path) -> Server {
         let log = log_dir.join("ref-server.log");
         let mut child = Command::new(binary("ref-server"))
@@ -58,21 +57,20 @@ impl Server {
             )
         });
         let url = format!("http://{addr}");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let ok = Command::new(binary("ref-server"))
-                .args(["health", "--server", &url])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if ok {
-                break;
-            }
-            assert!(Instant::now() < deadline, "ref-server never became SERVING");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // The one way to wait for a server: its own client, with a deadline, stopping
+        // early if the server exits.
+        let waited = Command::new(binary("ref-server"))
+            .args(["health", "--server", &url, "--wait", "60"])
+            .args(["--server-pid", &child.id().to_string()])
+            .stdout(Stdio::null())
+            .output()
+            .expect("run ref-server health");
+        assert!(
+            waited.status.success(),
+            "ref-server never became SERVING: {}; log:\n{}",
+            String::from_utf8_lossy(&waited.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         Server { child, url, log }
     }
 }

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use candle_core::DType;
 use dpo_common::testing::{workspace_root, write_tiny_checkpoint, TinySpec};
 use dpo_tests::{binary, read_jsonl};
+use policy_trainer::metrics::METRICS_FILE;
+use policy_trainer::plot::CHART_FILE;
 
 fn run_sh(model: &Path, out: &Path, extra: &[&str]) -> Command {
     let bin_dir = binary("ref-server").parent().unwrap().to_path_buf();
@@ -61,15 +63,15 @@ fn a_short_run_leaves_its_outputs_and_no_processes() {
         run_sh(&model, &out_dir, &["--max-steps", "2", "--eval-every", "2"]).output().unwrap();
     assert!(out.status.success(), "{}", show(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    for name in ["best", "metrics.jsonl", "accuracy.png"] {
+    for name in ["best", METRICS_FILE, CHART_FILE] {
         assert!(
             stdout.contains(&out_dir.join(name).display().to_string()),
             "{name} not named:\n{stdout}"
         );
     }
     assert!(out_dir.join("best/config.json").is_file());
-    assert!(out_dir.join("accuracy.png").is_file());
-    let records = read_jsonl(&out_dir.join("metrics.jsonl"));
+    assert!(out_dir.join(CHART_FILE).is_file());
+    let records = read_jsonl(&out_dir.join(METRICS_FILE));
     assert_eq!(records.iter().filter(|r| r["kind"] == "train").count(), 2);
     assert_eq!(processes_mentioning(dir.path()), Vec::<String>::new());
 }
@@ -103,7 +105,7 @@ fn killing_the_script_stops_the_server_and_the_trainer() {
         .unwrap();
     // Wait until training is under way (the first training step is logged).
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !std::fs::read_to_string(out_dir.join("metrics.jsonl"))
+    while !std::fs::read_to_string(out_dir.join(METRICS_FILE))
         .is_ok_and(|s| s.contains("\"train\""))
     {
         assert!(Instant::now() < deadline, "training never started");

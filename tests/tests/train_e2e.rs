@@ -14,6 +14,8 @@ use candle_core::{DType, Device};
 use dpo_common::model::{load_model, Mode};
 use dpo_common::testing::{workspace_root, write_tiny_checkpoint, TinySpec};
 use dpo_tests::{binary, read_jsonl, Server};
+use policy_trainer::metrics::METRICS_FILE;
+use policy_trainer::plot::CHART_FILE;
 use serde_json::Value;
 
 fn fixture() -> PathBuf {
@@ -88,7 +90,7 @@ fn trains_selects_best_and_resumes() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("best/") || stdout.contains("best"), "{stdout}");
 
-    let records = read_jsonl(&full.join("metrics.jsonl"));
+    let records = read_jsonl(&full.join(METRICS_FILE));
     let evals = kind(&records, "eval");
     let trains = kind(&records, "train");
     assert_eq!(trains.len(), 10);
@@ -141,7 +143,7 @@ fn trains_selects_best_and_resumes() {
     .unwrap();
     let saved_step = saved["step"].as_u64().unwrap();
     assert_eq!(saved_step, 4);
-    assert_eq!(kind(&read_jsonl(&killed.join("metrics.jsonl")), "train").len(), 5);
+    assert_eq!(kind(&read_jsonl(&killed.join(METRICS_FILE)), "train").len(), 5);
 
     // Without --resume the trainer refuses to touch the run.
     let refused = Command::new(binary("policy-trainer"))
@@ -159,7 +161,7 @@ fn trains_selects_best_and_resumes() {
     assert!(stderr.contains(&format!("resuming at step {saved_step}")), "{stderr}");
 
     // The resumed run's log is the uninterrupted run's: each step once, same losses.
-    let resumed = read_jsonl(&killed.join("metrics.jsonl"));
+    let resumed = read_jsonl(&killed.join(METRICS_FILE));
     let rt = kind(&resumed, "train");
     assert_eq!(rt.len(), 10, "one record per step after the resume");
     for (a, b) in rt.iter().zip(&trains) {
@@ -190,7 +192,7 @@ fn grad_checkpointing_trains_the_same_as_a_plain_backward() {
             .output()
             .unwrap();
         assert!(out.status.success(), "{name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        read_jsonl(&out_dir.join("metrics.jsonl"))
+        read_jsonl(&out_dir.join(METRICS_FILE))
     };
     let plain = run("plain", &[]);
     let ckpt = run("checkpointed", &["--grad-checkpointing"]);
@@ -237,7 +239,7 @@ fn bf16_weights_gradients_and_state_train_and_resume() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bf16 run failed:\n{stderr}");
     assert!(stderr.contains("gradients BF16, RMSprop state BF16"), "{stderr}");
-    let records = read_jsonl(&out_dir.join("metrics.jsonl"));
+    let records = read_jsonl(&out_dir.join(METRICS_FILE));
     let trains = kind(&records, "train");
     assert_eq!(trains.len(), 2);
     let ln2 = std::f64::consts::LN_2;
@@ -262,9 +264,34 @@ fn bf16_weights_gradients_and_state_train_and_resume() {
     let stderr = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "bf16 resume failed:\n{stderr}");
     assert!(stderr.contains("resuming at step 2"), "{stderr}");
-    let trains = kind(&read_jsonl(&out_dir.join("metrics.jsonl")), "train");
+    let trains = kind(&read_jsonl(&out_dir.join(METRICS_FILE)), "train");
     assert_eq!(trains.len(), 3);
     assert!(f(&trains[2], "loss").is_finite());
+}
+
+/// A run without validation pairs evaluates nothing, so it draws no chart: its summary
+/// names the files it wrote and no chart.
+#[test]
+fn a_run_without_validation_names_only_what_it_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    write_tiny_checkpoint(&model, &TinySpec::default(), DType::F32, None).unwrap();
+    let server = Server::start(&model, &[], dir.path());
+    let out_dir = dir.path().join("run");
+    let out = Command::new(binary("policy-trainer"))
+        .args(trainer_args(&model, &server.url, &out_dir, 1))
+        .args(["--val-size", "0"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!out_dir.join(CHART_FILE).exists());
+    assert!(!stdout.contains(CHART_FILE), "names a chart it did not draw:\n{stdout}");
+    assert!(stdout.contains("best:    none saved"), "{stdout}");
+    for written in [METRICS_FILE, "last"] {
+        let path = out_dir.join(written);
+        assert!(path.exists() && stdout.contains(&path.display().to_string()), "{stdout}");
+    }
 }
 
 #[test]

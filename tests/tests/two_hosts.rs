@@ -9,7 +9,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use candle_core::DType;
 use dpo_common::testing::{workspace_root, write_tiny_checkpoint, TinySpec};
@@ -133,17 +132,16 @@ fn trainer_and_server_in_separate_network_namespaces_with_auth() {
     let url = format!("http://{addr}");
 
     // Health across the link, from host b (health needs no token).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !Hosts::command(&hosts.b, &binary("ref-server"))
-        .args(["health", "--server", &url])
+    let health = Hosts::command(&hosts.b, &binary("ref-server"))
+        .args(["health", "--server", &url, "--wait", "60"])
+        .args(["--server-pid", &server.0.id().to_string()])
         .output()
-        .unwrap()
-        .status
-        .success()
-    {
-        assert!(Instant::now() < deadline, "server never SERVING from namespace b");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        .unwrap();
+    assert!(
+        health.status.success(),
+        "server never SERVING from namespace b: {}",
+        String::from_utf8_lossy(&health.stderr)
+    );
     // The root namespace has no route to it: the two hosts really are apart.
     let from_root = Command::new(binary("ref-server")).args(["health", "--server", &url]).output();
     assert!(!from_root.unwrap().status.success(), "the server is reachable outside the namespaces");
@@ -160,7 +158,7 @@ fn trainer_and_server_in_separate_network_namespaces_with_auth() {
     let out_dir = dir.path().join("run");
     let ok = train(&hosts, &model, &url, Some(&token), &out_dir);
     assert!(ok.status.success(), "trainer failed:\n{}", String::from_utf8_lossy(&ok.stderr));
-    let records = read_jsonl(&out_dir.join("metrics.jsonl"));
+    let records = read_jsonl(&out_dir.join(policy_trainer::metrics::METRICS_FILE));
     let steps = records.iter().filter(|r| r["kind"] == "train").count();
     assert_eq!(steps, 3, "three steps across the link");
     let first_eval = records.iter().find(|r| r["kind"] == "eval").unwrap();

@@ -66,6 +66,71 @@ fn id_list(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// Llama-family checkpoints whose differences the forward pass does not model.
+fn reject_unsupported(v: &Value) -> Result<()> {
+    if let Some(mt) = field(v, "model_type").and_then(Value::as_str) {
+        // Mistral and Qwen2-style configs look alike but differ in ways we do not model
+        // (sliding windows, biases); refuse rather than compute wrong numbers.
+        if mt != "llama" {
+            return Err(Error::Unsupported(format!(
+                "model_type `{mt}`: only `llama` checkpoints are supported"
+            )));
+        }
+    }
+    for (key, ok) in [("attention_bias", false), ("mlp_bias", false)] {
+        if field(v, key).and_then(Value::as_bool).is_some_and(|b| b != ok) {
+            return Err(Error::Unsupported(format!("`{key}: true` is not supported")));
+        }
+    }
+    if let Some(act) = field(v, "hidden_act").and_then(Value::as_str) {
+        if act != "silu" {
+            return Err(Error::Unsupported(format!("hidden_act `{act}` (only `silu`)")));
+        }
+    }
+    Ok(())
+}
+
+/// `rope_theta` and the RoPE scaling, from either transformers spelling.
+fn rope_from_hf(v: &Value) -> Result<(f64, RopeScaling)> {
+    // transformers 5.x moves rope_theta and rope_scaling into `rope_parameters`.
+    let rope_params = field(v, "rope_parameters").or_else(|| field(v, "rope_scaling"));
+    let rope_theta = opt_f64(v, "rope_theta")
+        .or_else(|| rope_params.and_then(|p| opt_f64(p, "rope_theta")))
+        .unwrap_or(10_000.0);
+    let rope_scaling = match rope_params {
+        None => RopeScaling::None,
+        Some(p) => {
+            let kind = field(p, "rope_type")
+                .or_else(|| field(p, "type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            match kind {
+                "default" => RopeScaling::None,
+                "llama3" => {
+                    let get = |k: &str| {
+                        opt_f64(p, k).ok_or_else(|| {
+                            Error::Config(format!("llama3 rope scaling is missing `{k}`"))
+                        })
+                    };
+                    RopeScaling::Llama3 {
+                        factor: get("factor")?,
+                        low_freq_factor: get("low_freq_factor")?,
+                        high_freq_factor: get("high_freq_factor")?,
+                        original_max_position_embeddings: get("original_max_position_embeddings")?
+                            as usize,
+                    }
+                }
+                other => {
+                    return Err(Error::Unsupported(format!(
+                        "rope scaling type `{other}` (supported: default, llama3)"
+                    )))
+                }
+            }
+        }
+    };
+    Ok((rope_theta, rope_scaling))
+}
+
 impl LlamaConfig {
     /// Parses the text of a Hugging Face `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
@@ -75,25 +140,7 @@ impl LlamaConfig {
     }
 
     pub fn from_hf_value(v: &Value) -> Result<Self> {
-        if let Some(mt) = field(v, "model_type").and_then(Value::as_str) {
-            // Mistral and Qwen2-style configs look alike but differ in ways we do not model
-            // (sliding windows, biases); refuse rather than compute wrong numbers.
-            if mt != "llama" {
-                return Err(Error::Unsupported(format!(
-                    "model_type `{mt}`: only `llama` checkpoints are supported"
-                )));
-            }
-        }
-        for (key, ok) in [("attention_bias", false), ("mlp_bias", false)] {
-            if field(v, key).and_then(Value::as_bool).is_some_and(|b| b != ok) {
-                return Err(Error::Unsupported(format!("`{key}: true` is not supported")));
-            }
-        }
-        if let Some(act) = field(v, "hidden_act").and_then(Value::as_str) {
-            if act != "silu" {
-                return Err(Error::Unsupported(format!("hidden_act `{act}` (only `silu`)")));
-            }
-        }
+        reject_unsupported(v)?;
         let hidden_size = req_usize(v, "hidden_size")?;
         let num_attention_heads = req_usize(v, "num_attention_heads")?;
         let num_key_value_heads = field(v, "num_key_value_heads")
@@ -103,44 +150,7 @@ impl LlamaConfig {
             .and_then(Value::as_u64)
             .map_or(hidden_size / num_attention_heads.max(1), |x| x as usize);
 
-        // transformers 5.x moves rope_theta and rope_scaling into `rope_parameters`.
-        let rope_params = field(v, "rope_parameters").or_else(|| field(v, "rope_scaling"));
-        let rope_theta = opt_f64(v, "rope_theta")
-            .or_else(|| rope_params.and_then(|p| opt_f64(p, "rope_theta")))
-            .unwrap_or(10_000.0);
-        let rope_scaling = match rope_params {
-            None => RopeScaling::None,
-            Some(p) => {
-                let kind = field(p, "rope_type")
-                    .or_else(|| field(p, "type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
-                match kind {
-                    "default" => RopeScaling::None,
-                    "llama3" => {
-                        let get = |k: &str| {
-                            opt_f64(p, k).ok_or_else(|| {
-                                Error::Config(format!("llama3 rope scaling is missing `{k}`"))
-                            })
-                        };
-                        RopeScaling::Llama3 {
-                            factor: get("factor")?,
-                            low_freq_factor: get("low_freq_factor")?,
-                            high_freq_factor: get("high_freq_factor")?,
-                            original_max_position_embeddings: get(
-                                "original_max_position_embeddings",
-                            )?
-                                as usize,
-                        }
-                    }
-                    other => {
-                        return Err(Error::Unsupported(format!(
-                            "rope scaling type `{other}` (supported: default, llama3)"
-                        )))
-                    }
-                }
-            }
-        };
+        let (rope_theta, rope_scaling) = rope_from_hf(v)?;
         let torch_dtype = field(v, "torch_dtype")
             .or_else(|| field(v, "dtype"))
             .and_then(Value::as_str)

@@ -1,4 +1,4 @@
-//! Gradients of the forward ops in [`ops`](super::ops), as explicit functions: the
+//! Gradients of the forward ops in `model::ops`, as explicit functions: the
 //! hand-written backward of the Llama layer (`model::backward`) calls them directly, and the
 //! custom ops' autograd `bwd` calls them too, so both backwards share one implementation.
 //!
@@ -11,7 +11,7 @@ use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp2, InplaceOp3, Layout, Shape, Tensor, D,
 };
 
-use super::ops::{fast_path, for_each_row, inv_rms, slice, CResult};
+use super::kernel::{fast_path, for_each_row, inv_rms, slice, CResult};
 
 // ---------------------------------------------------------------------------------------
 // Softmax: dx = scale * y * (g - Σ g·y), per row.
@@ -149,6 +149,10 @@ pub fn rms_norm_grad(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> CResult<(T
 
 struct SwiGluGrad;
 
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
 impl CustomOp3 for SwiGluGrad {
     fn name(&self) -> &'static str {
         "dpo-swiglu-grad"
@@ -181,7 +185,7 @@ impl CustomOp3 for SwiGluGrad {
         for_each_row(du, n, |i, dur| {
             for (j, d) in dur.iter_mut().enumerate() {
                 let k = i * n + j;
-                *d = g[k] * super::ops::silu(a[k]);
+                *d = g[k] * silu(a[k]);
             }
         });
         let mut dims = vec![2];
@@ -369,7 +373,7 @@ pub fn accumulate_matmul(acc: &mut Tensor, a: &Tensor, b: &Tensor) -> CResult<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::tests::randn;
+    use crate::model::kernel::tests::randn;
     use candle_core::DType;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -387,7 +391,7 @@ mod tests {
 
     #[test]
     fn softmax_grad_kernel_matches_composite() {
-        let y = crate::model::ops::softmax_last_dim(&randn(&[3, 4, 9], 1)).unwrap();
+        let y = candle_nn::ops::softmax_last_dim(&randn(&[3, 4, 9], 1)).unwrap();
         let g = randn(&[3, 4, 9], 2);
         let fast = softmax_grad(&y, &g, 0.3).unwrap();
         let slow = softmax_grad(&f64(&y), &f64(&g), 0.3).unwrap();

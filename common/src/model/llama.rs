@@ -218,58 +218,75 @@ fn is_ignorable(name: &str, cfg: &LlamaConfig) -> bool {
     name.ends_with("rotary_emb.inv_freq") || (cfg.tie_word_embeddings && name == "lm_head.weight")
 }
 
+/// Tensors under their Hugging Face names.
+type NamedParams = Vec<(String, Tensor)>;
+
+/// Takes every parameter `cfg` implies out of `weights` (under Hugging Face names), checked
+/// against its expected shape and converted to `dtype` on `device`, in the order of
+/// [`expected_params`]; trainable ones become `Var`s (returned too). A missing tensor, a
+/// wrong shape or a tensor the architecture does not use (a different model) is an error.
+fn take_params(
+    cfg: &LlamaConfig,
+    mut weights: HashMap<String, Tensor>,
+    mode: Mode,
+    dtype: DType,
+    device: &Device,
+) -> Result<(NamedParams, Vec<Var>)> {
+    let mut params = Vec::new();
+    let mut vars = Vec::new();
+    for (name, shape) in expected_params(cfg) {
+        let t = weights.remove(&name).ok_or_else(|| Error::Weight {
+            name: name.clone(),
+            message: "missing from the checkpoint".into(),
+        })?;
+        if t.dims() != shape.as_slice() {
+            return Err(Error::Weight {
+                name,
+                message: format!(
+                    "shape {:?} does not match the config, which implies {shape:?}",
+                    t.dims()
+                ),
+            });
+        }
+        let t = t.to_device(device)?.to_dtype(dtype)?;
+        let t = match mode {
+            Mode::Frozen => t,
+            Mode::Trainable => {
+                let var = Var::from_tensor(&t)?;
+                let t = var.as_tensor().clone();
+                vars.push(var);
+                t
+            }
+        };
+        params.push((name, t));
+    }
+    let mut unknown: Vec<_> = weights.keys().filter(|n| !is_ignorable(n, cfg)).collect();
+    if !unknown.is_empty() {
+        unknown.sort();
+        return Err(Error::Weight {
+            name: unknown[0].clone(),
+            message: format!(
+                "not part of a Llama model with this config ({} unexpected tensors in all)",
+                unknown.len()
+            ),
+        });
+    }
+    Ok((params, vars))
+}
+
 impl Llama {
     /// Builds the model from weights under Hugging Face names, converting each to `dtype`
     /// on `device`. Every expected tensor must be present with the expected shape; a tensor
     /// the architecture does not use is an error too (it means a different model).
     pub fn from_weights(
         cfg: LlamaConfig,
-        mut weights: HashMap<String, Tensor>,
+        weights: HashMap<String, Tensor>,
         mode: Mode,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
-        let mut params = Vec::new();
-        let mut vars = Vec::new();
-        for (name, shape) in expected_params(&cfg) {
-            let t = weights.remove(&name).ok_or_else(|| Error::Weight {
-                name: name.clone(),
-                message: "missing from the checkpoint".into(),
-            })?;
-            if t.dims() != shape.as_slice() {
-                return Err(Error::Weight {
-                    name,
-                    message: format!(
-                        "shape {:?} does not match the config, which implies {shape:?}",
-                        t.dims()
-                    ),
-                });
-            }
-            let t = t.to_device(device)?.to_dtype(dtype)?;
-            let t = match mode {
-                Mode::Frozen => t,
-                Mode::Trainable => {
-                    let var = Var::from_tensor(&t)?;
-                    let t = var.as_tensor().clone();
-                    vars.push(var);
-                    t
-                }
-            };
-            params.push((name, t));
-        }
-        let mut unknown: Vec<_> = weights.keys().filter(|n| !is_ignorable(n, &cfg)).collect();
-        if !unknown.is_empty() {
-            unknown.sort();
-            return Err(Error::Weight {
-                name: unknown[0].clone(),
-                message: format!(
-                    "not part of a Llama model with this config ({} unexpected tensors in all)",
-                    unknown.len()
-                ),
-            });
-        }
-
+        let (params, vars) = take_params(&cfg, weights, mode, dtype, device)?;
         let by_name: HashMap<&str, &Tensor> = params.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let get = |n: &str| by_name[n].clone();
         let dense = |n: &str| Weight::Dense(get(n));
@@ -350,8 +367,8 @@ impl Llama {
     }
 
     /// Lays the projection and embedding weights of a frozen CPU f32 model out once for the
-    /// CPU matmul kernel (see `model::packed`), so that no pass repacks them (a lone SmolLM2
-    /// sequence: +7-14%, `tests/bench/model.sh`). The packed weights replace the dense ones
+    /// CPU matmul kernel (see `model::packed`), so that no pass repacks them (the gain is
+    /// largest on lone short sequences). The packed weights replace the dense ones
     /// (no extra memory); [`params`](Self::params) unpacks a copy if called afterwards, so
     /// compute what needs them (the fingerprint) first. Returns whether anything was packed: a
     /// trainable model, another device or dtype stays as it is.
@@ -500,8 +517,12 @@ impl Llama {
                 return Err(Error::Input("rows after a prefix need a token layout".into()));
             }
         }
-        let max_pos = match layout {
-            None => t.saturating_sub(1),
+        let (cos, sin, mask) = match layout {
+            None => {
+                self.check_tokens(ids, t.saturating_sub(1))?;
+                let (cos, sin) = self.rope_tables(t.max(1))?;
+                (cos, sin, causal_mask(t, &self.device)?)
+            }
             Some(l) => {
                 if l.positions.len() != b * t || l.branches.len() != b * t {
                     return Err(Error::Input(format!(
@@ -510,13 +531,23 @@ impl Llama {
                         l.branches.len()
                     )));
                 }
-                l.positions.iter().copied().max().unwrap_or(0) as usize
+                self.check_tokens(ids, max_position(&l.positions))?;
+                let (cos, sin) = self.rope_at(&l.positions)?;
+                let mask = Tensor::from_vec(l.mask(b, t, p), (b, t, p + t), &self.device)?;
+                (cos, sin, mask)
             }
         };
+        let mask = mask.to_dtype(self.dtype)?;
+        let x = self.embed.rows(&ids.flatten_all()?)?; // [B*T, H]
+        Ok((x, LayerContext { b, t, cos, sin, mask, prefix: prefix.cloned() }))
+    }
+
+    /// Checks the ids `[B, T]` of a pass against the vocabulary and its largest RoPE
+    /// position `max_pos` against the model's maximum.
+    fn check_tokens(&self, ids: &Tensor, max_pos: usize) -> Result<()> {
         if max_pos >= self.cfg.max_position_embeddings {
             return Err(Error::Input(format!(
-                "sequence of {} tokens exceeds the model's maximum of {}",
-                max_pos + 1,
+                "token position {max_pos} is beyond the model's maximum of {} positions",
                 self.cfg.max_position_embeddings
             )));
         }
@@ -527,18 +558,15 @@ impl Llama {
                 self.cfg.vocab_size
             )));
         }
-        let (cos, sin) = self.rope_tables(max_pos + 1)?;
-        let (cos, sin, mask) = match layout {
-            None => (cos, sin, causal_mask(t, &self.device)?),
-            Some(l) => {
-                let pos = Tensor::from_slice(&l.positions, b * t, &self.device)?;
-                let mask = Tensor::from_vec(l.mask(b, t, p), (b, t, p + t), &self.device)?;
-                (cos.index_select(&pos, 0)?, sin.index_select(&pos, 0)?, mask)
-            }
-        };
-        let mask = mask.to_dtype(self.dtype)?;
-        let x = self.embed.rows(&ids.flatten_all()?)?; // [B*T, H]
-        Ok((x, LayerContext { b, t, cos, sin, mask, prefix: prefix.cloned() }))
+        Ok(())
+    }
+
+    /// RoPE tables with one row per token, for tokens at `positions`: cos and sin of shape
+    /// `[positions.len(), head_dim/2]`.
+    fn rope_at(&self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = self.rope_tables(max_position(positions) + 1)?;
+        let pos = Tensor::from_slice(positions, positions.len(), &self.device)?;
+        Ok((cos.index_select(&pos, 0)?, sin.index_select(&pos, 0)?))
     }
 
     /// The keys and values of `ids` at every layer, for passes that continue them.
@@ -612,6 +640,24 @@ impl Llama {
         ctx: &LayerContext,
         save: bool,
     ) -> Result<(Tensor, Option<LayerActivations>)> {
+        let past = ctx.prefix.as_ref().and_then(|p| p.layers.get(i));
+        let (y, acts) = self.layer(i, x, ctx, past)?;
+        Ok((y, save.then_some(acts)))
+    }
+
+    /// The decoder layer, the one forward every pass runs: layer `i` on `x` `[B*T, H]`,
+    /// attending first to `past`, the keys and values of earlier positions at this layer
+    /// (`[1 or B, kv_heads, P, head_dim]` each: a prefix every row shares, or a generation
+    /// cache with one per row), then causally (as `ctx.mask` says) to the rows' own tokens.
+    /// Returns the output `[B*T, H]` and the activations, whose keys and values span
+    /// `past` and the rows' own positions.
+    fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        ctx: &LayerContext,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, LayerActivations)> {
         let l = self.layers.get(i).ok_or_else(|| {
             Error::Input(format!("layer {i} does not exist ({} layers)", self.layers.len()))
         })?;
@@ -631,12 +677,11 @@ impl Llama {
         let q = q.transpose(1, 2)?.contiguous()?.reshape((b, nkv, rep * t, d))?;
         let k = k.transpose(1, 2)?.contiguous()?; // [B, nkv, T, d]
         let v = v.transpose(1, 2)?.contiguous()?;
-        // Keys and values of a prefix come first: [B, nkv, P + T, d].
-        let (k, v) = match &ctx.prefix {
+        // Keys and values of earlier positions come first: [B, nkv, P + T, d].
+        let (k, v) = match past {
             None => (k, v),
-            Some(prefix) => {
-                let (pk, pv) = &prefix.layers[i];
-                let shape = (b, nkv, prefix.len(), d);
+            Some((pk, pv)) => {
+                let shape = (b, nkv, pk.dim(2)?, d);
                 (
                     Tensor::cat(&[&pk.broadcast_as(shape)?.contiguous()?, &k], 2)?,
                     Tensor::cat(&[&pv.broadcast_as(shape)?.contiguous()?, &v], 2)?,
@@ -655,9 +700,7 @@ impl Llama {
         let up = l.up.apply(&hn)?;
         let mlp = l.down.apply(&ops::swiglu(&gate, &up)?)?;
         let y = (&x2 + mlp)?;
-        let saved =
-            save.then(|| LayerActivations { x: x.clone(), q, k, v, probs, attn, x2, gate, up });
-        Ok((y, saved))
+        Ok((y, LayerActivations { x: x.clone(), q, k, v, probs, attn, x2, gate, up }))
     }
 
     /// Output logits for hidden states `[.., hidden]`: `[.., vocab]` in the model dtype.
@@ -685,9 +728,8 @@ fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Incremental forward with a key/value cache, for generation (`generate`). Kept apart from
-// `layer_forward` so the training forward stays exactly as it is; the arithmetic per layer
-// is the same (same ops, same GQA layout), only the keys and values span the cache too.
+// Incremental forward with a key/value cache, for generation (`generate`): the same layer
+// forward, attending to the cached keys and values before the new tokens'.
 
 /// The keys and values every layer has seen so far, `[B, kv_heads, S, head_dim]` each.
 #[derive(Default, Clone)]
@@ -759,99 +801,28 @@ impl Llama {
                 mask.dims()
             )));
         }
-        let pos: Vec<Vec<u32>> = positions.to_vec2::<u32>()?;
-        let max_pos = pos.iter().flatten().copied().max().unwrap_or(0) as usize;
-        if max_pos >= self.cfg.max_position_embeddings {
-            return Err(Error::Input(format!(
-                "position {max_pos} exceeds the model's maximum of {}",
-                self.cfg.max_position_embeddings
-            )));
-        }
-        let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
-        if max_id as usize >= self.cfg.vocab_size {
-            return Err(Error::Input(format!(
-                "token id {max_id} is out of range for a vocabulary of {}",
-                self.cfg.vocab_size
-            )));
-        }
-        let (cos, sin) = self.rope_tables(max_pos + 1)?;
-        // Per-row tables [T, half]: rows of a left-padded batch sit at different positions.
-        let mut rows = Vec::with_capacity(b);
-        for p in &pos {
-            let idx = Tensor::from_vec(p.clone(), t, &self.device)?;
-            rows.push((cos.index_select(&idx, 0)?, sin.index_select(&idx, 0)?));
-        }
-        let mask = mask.to_dtype(self.dtype)?.reshape((b, 1, 1, t, s + t))?;
-        let fresh = cache.layers.is_empty();
+        let positions = positions.flatten_all()?.to_vec1::<u32>()?;
+        self.check_tokens(ids, max_position(&positions))?;
+        // A table row per token: rows of a left-padded batch sit at different positions.
+        let (cos, sin) = self.rope_at(&positions)?;
+        let mask = mask.to_dtype(self.dtype)?;
+        let ctx = LayerContext { b, t, cos, sin, mask, prefix: None };
         let mut x = self.embed.rows(&ids.flatten_all()?)?; // [B*T, H]
-        for (i, layer) in self.layers.iter().enumerate() {
-            let past = if fresh { None } else { Some(&cache.layers[i]) };
-            let (out, kv) = self.layer_forward_cached(layer, &x, b, t, &rows, &mask, past)?;
-            x = out;
-            if fresh {
-                cache.layers.push(kv);
-            } else {
-                cache.layers[i] = kv;
+        for i in 0..self.layers.len() {
+            let (y, acts) = self.layer(i, &x, &ctx, cache.layers.get(i))?;
+            let kv = (acts.k, acts.v);
+            match cache.layers.get_mut(i) {
+                Some(cached) => *cached = kv,
+                None => cache.layers.push(kv),
             }
+            x = y;
         }
-        let x = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        let x = self.final_norm(&x)?;
         Ok(x.reshape((b, t, self.cfg.hidden_size))?)
     }
+}
 
-    /// RoPE with a table per batch row: `x` `[B, T, heads, d]`.
-    fn rope_rows(&self, x: &Tensor, rows: &[(Tensor, Tensor)]) -> Result<Tensor> {
-        if rows.len() == 1 {
-            return Ok(ops::rope(x, &rows[0].0, &rows[0].1)?);
-        }
-        let parts = rows
-            .iter()
-            .enumerate()
-            .map(|(i, (c, s))| ops::rope(&x.narrow(0, i, 1)?, c, s))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn layer_forward_cached(
-        &self,
-        l: &Layer,
-        x: &Tensor, // [B*T, H]
-        b: usize,
-        t: usize,
-        rope: &[(Tensor, Tensor)],
-        mask: &Tensor, // [B, 1, 1, T, S+T]
-        past: Option<&(Tensor, Tensor)>,
-    ) -> Result<(Tensor, (Tensor, Tensor))> {
-        let cfg = &self.cfg;
-        let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let rep = nh / nkv;
-
-        let hn = ops::rms_norm(x, &l.input_norm, cfg.rms_norm_eps)?;
-        let q = l.q.apply(&hn)?.reshape((b, t, nh, d))?;
-        let k = l.k.apply(&hn)?.reshape((b, t, nkv, d))?;
-        let v = l.v.apply(&hn)?.reshape((b, t, nkv, d))?;
-        let q = self.rope_rows(&q, rope)?.affine(1.0 / (d as f64).sqrt(), 0.0)?;
-        let k = self.rope_rows(&k, rope)?;
-        let q = q.transpose(1, 2)?.contiguous()?.reshape((b, nkv, rep * t, d))?;
-        let k = k.transpose(1, 2)?.contiguous()?; // [B, nkv, T, d]
-        let v = v.transpose(1, 2)?.contiguous()?;
-        let (k, v) = match past {
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-            None => (k, v),
-        }; // [B, nkv, S+T, d]
-        let st = k.dims()[2];
-        let scores = q.matmul(&k.t()?)?.reshape((b, nkv, rep, t, st))?;
-        let probs = ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
-        let probs = probs.reshape((b, nkv, rep * t, st))?;
-        let attn = probs.matmul(&v)?; // [B, nkv, rep*T, d]
-        let attn = attn.reshape((b, nh, t, d))?.transpose(1, 2)?.contiguous()?;
-        let attn = l.o.apply(&attn.reshape((b * t, nh * d))?)?;
-        let x = (x + attn)?;
-
-        let hn = ops::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;
-        let gate = l.gate.apply(&hn)?;
-        let up = l.up.apply(&hn)?;
-        let mlp = l.down.apply(&(gate.silu()? * up)?)?;
-        Ok(((x + mlp)?, (k, v)))
-    }
+/// The largest of `positions` (0 when there are none).
+fn max_position(positions: &[u32]) -> usize {
+    positions.iter().copied().max().unwrap_or(0) as usize
 }

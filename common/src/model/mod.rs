@@ -3,6 +3,7 @@
 pub mod backward;
 pub mod config;
 pub mod grad_ops;
+mod kernel;
 pub mod llama;
 pub mod load;
 pub mod ops;

@@ -11,31 +11,14 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 use rayon::prelude::*;
 
 use super::grad_ops;
-
-pub(crate) type CResult<T> = candle_core::Result<T>;
-
-pub(crate) fn fast_path(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
-}
-
-/// The contiguous data of a CPU tensor argument.
-pub(crate) fn slice<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> CResult<&'a [T]> {
-    let data = s.as_slice::<T>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("custom op expects a contiguous tensor"),
-    }
-}
+use super::kernel::{fast_path, for_each_row, inv_rms, slice, CResult};
 
 /// Runs `f` on a worker thread of rayon's global pool (inline when already on one) and
 /// waits for it. candle's CPU kernels, gemm and [`for_each_row`] fan out to that pool on
 /// every op; called from a thread outside it, each op is a cold injection (a futex wake
 /// and a blocking wait on the caller), from inside a cheap work-stealing join. Model
-/// entry points wrap their whole pass in it: +12-18% tokens/s on the SmolLM2 forward
-/// (bench_model, 2 cores, same invocation, alternated).
+/// entry points wrap their whole pass in it, so a pass pays for one injection instead of
+/// one per op.
 pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
@@ -43,37 +26,14 @@ pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// Fixes the CPU thread count candle's kernels use by setting `RAYON_NUM_THREADS` (unless
 /// the user set it) to the count candle would pick. Without it candle 0.11 works the count
 /// out again on every matmul and many other ops, reading `/proc/cpuinfo` each time
-/// (`num_cpus::get_physical`): ~270 reads per SmolLM2 forward, 3-7% of its time here.
-/// rayon's pool gets the same count. Call it first thing in `main`, before any other thread
+/// (`num_cpus::get_physical`): some 270 reads per SmolLM2 forward, a visible share of its
+/// time. rayon's pool gets the same count. Call it first thing in `main`, before any other thread
 /// exists: the environment must not change while another thread may read it.
 pub fn fix_thread_count() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let threads = candle_core::utils::get_num_threads();
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
-}
-
-/// Below this many elements a kernel runs on the calling thread: handing a few thousand
-/// floats to the thread pool costs more than it saves.
-const PAR_MIN_ELEMS: usize = 1 << 15;
-
-/// Runs `f(row_index, out_row)` over the rows of `out` (rows of `n` elements), on the
-/// thread pool when the work is large enough. Rows are independent, so results do not
-/// depend on the number of threads.
-pub(crate) fn for_each_row(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    if n == 0 {
-        return;
-    }
-    if out.len() < PAR_MIN_ELEMS {
-        out.chunks_exact_mut(n).enumerate().for_each(|(i, r)| f(i, r));
-        return;
-    }
-    let rows_per_task = (PAR_MIN_ELEMS / 4 / n).max(1);
-    out.par_chunks_mut(n * rows_per_task).enumerate().for_each(|(c, chunk)| {
-        for (j, r) in chunk.chunks_exact_mut(n).enumerate() {
-            f(c * rows_per_task + j, r);
-        }
-    });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -119,13 +79,6 @@ impl CustomOp2 for RmsNorm {
         let (dx, dw) = grad_ops::rms_norm_grad(x, w, g, self.eps as f64)?;
         Ok((Some(dx), Some(dw)))
     }
-}
-
-/// `1 / sqrt(mean(x²) + eps)` of one row. f64 accumulation: see `row_logsumexp` on why long
-/// f32 sums bias results.
-pub(crate) fn inv_rms(xr: &[f32], eps: f32) -> f32 {
-    let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / xr.len() as f64;
-    (1.0 / (ms + eps as f64).sqrt()) as f32
 }
 
 /// RMS norm over the last dimension, computed in f32 (as transformers' `LlamaRMSNorm`).
@@ -263,10 +216,6 @@ fn mask_geometry(scores: &[usize], mask: &[usize]) -> CResult<(usize, usize, usi
 // temporaries fewer in the forward, and a one-pass backward).
 
 struct SwiGlu;
-
-pub(crate) fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
 
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
@@ -528,28 +477,8 @@ pub fn is_tracked(t: &Tensor) -> bool {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::model::kernel::tests::{max_diff, randn};
     use candle_core::{Device, Var};
-
-    pub(crate) fn randn(shape: &[usize], seed: u64) -> Tensor {
-        // Deterministic pseudo-random values without a global RNG.
-        let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    pub(crate) fn max_abs(t: &Tensor) -> f32 {
-        t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-    }
-
-    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        max_abs(&(a - b).unwrap())
-    }
 
     /// Runs `f` through the fast custom op (f32 on CPU) and through the composite fallback
     /// (f64, which takes the other branch), comparing values and input gradients.

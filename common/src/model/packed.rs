@@ -3,8 +3,8 @@
 //!
 //! A projection `y = x·Wᵀ` with `W` in Hugging Face layout (`[out, in]`, row-major) makes
 //! gemm repack `W` on every call: it wants `W` as column-major panels of a few rows, and
-//! gathers them one scalar at a time with a stride of a whole row. On a single SmolLM2
-//! sequence that repacking was 17% of the forward (`perf`), redone for every sequence. Here
+//! gathers them one scalar at a time with a stride of a whole row, redone for every
+//! sequence: on a lone short sequence that gather is a large share of the forward. Here
 //! the panels are built once, at load: panel `q` holds rows `q*PANEL .. q*PANEL + PANEL`
 //! column-major, so every call hands gemm a contiguous column-major block it reads as it
 //! is, and the threads split the output by panels.
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::ops::{slice, CResult};
+use super::kernel::{slice, CResult};
 use crate::error::{Error, Result};
 
 /// Rows per panel. A multiple of the microkernel's 16-row block; 32 measured best on
@@ -261,7 +261,7 @@ impl CustomOp1 for PackedMatmulT<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::tests::{max_abs, max_diff};
+    use crate::model::kernel::tests::{max_abs, max_diff};
     use candle_core::Device;
 
     fn matrix(rows: usize, cols: usize, seed: u32) -> Tensor {

@@ -1,13 +1,13 @@
 //! RMSprop's update as two in-place passes over f32 CPU tensors, for the common case (f32
 //! weights on a CPU). The composite path in `rmsprop.rs` forms about six parameter-sized
-//! temporaries per tensor; for SmolLM2's embedding that is 0.7 GB at the step's peak, more
-//! than the activations of a whole micro-batch. The arithmetic is the composite path's, op
-//! for op in f32, so both give the same bits (tested).
+//! temporaries per tensor; for a large embedding matrix that is more memory, at the step's
+//! peak, than the activations of a whole micro-batch. The arithmetic is the composite
+//! path's, op for op in f32, so both give the same bits (tested).
 
 use candle_core::{CpuStorage, InplaceOp3, Layout, Tensor};
 use rayon::prelude::*;
 
-use super::RmsPropConfig;
+use super::config::RmsPropConfig;
 
 type CResult<T> = candle_core::Result<T>;
 

@@ -3,10 +3,12 @@
 //! by [`RmsProp`] with PyTorch's semantics so the recipe's hyper-parameters carry over.
 
 mod accumulate;
+mod config;
 mod fused;
 mod rmsprop;
 #[cfg(test)]
 mod torch_fixture;
 
 pub use accumulate::{clip_grad_norm, GradAccumulator};
-pub use rmsprop::{RmsProp, RmsPropConfig};
+pub use config::RmsPropConfig;
+pub use rmsprop::RmsProp;

@@ -1,6 +1,6 @@
 //! The model under test, wherever it runs: loaded in this process (`--model`) or held by a
 //! `ref-server` (`--server`) and reached through its `Generate` and `Score` RPCs. The
-//! benchmarks in [`super::run`] see only [`Backend`]'s two operations, so each is written
+//! benchmarks in `super::benchmarks` see only [`Backend`]'s two operations, so each is written
 //! once:
 //!
 //! - [`Backend::generate`]: a continuation per prompt;
@@ -18,7 +18,7 @@ use std::future::Future;
 
 use anyhow::{bail, Context, Result};
 use dpo_common::generate::{generate, GenerateParams};
-use dpo_common::logprob::{response_logprobs, Sequence};
+use dpo_common::logprob::{shared_prompt_logprobs, SharedPrompt};
 use dpo_common::model::LoadedModel;
 use dpo_proto::client::{ClientOptions, ModelInfo, RefClient};
 use dpo_proto::v1;
@@ -64,17 +64,13 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// Connects, checks the server is SERVING and reads what model it holds.
+    /// Connects, waiting up to the connect timeout for the server to be SERVING (it may
+    /// still be loading its model), and reads what model it holds.
     pub async fn connect(opts: &ClientOptions, in_flight: usize) -> Result<Remote> {
-        let url = &opts.url;
         // Client errors name the URL themselves.
-        let client =
-            RefClient::connect(opts).await.context("connecting to the server under test")?;
-        if !client.health().await.context("checking the health of the server under test")? {
-            bail!(
-                "the server under test at {url} is up but NOT_SERVING (still loading its model?)"
-            );
-        }
+        let client = RefClient::connect_waiting(opts)
+            .await
+            .context("connecting to the server under test")?;
         let info =
             client.model_info().await.context("asking the server under test for its model")?;
         Ok(Remote { client, info, in_flight: in_flight.max(1) })
@@ -211,6 +207,11 @@ async fn generate_remote(
     run_in_flight(r.in_flight, jobs.collect(), progress).await
 }
 
+/// One forward pass per question, on one shared-prompt row: the prompt is computed once and
+/// each answer attends to it and to itself only (`dpo_common::logprob`'s layout, as the
+/// server's batcher and the trainer score a prompt with its responses). The log-probs are
+/// those of the separate sequences `prompt ++ answer`, up to float rounding, while one row
+/// per answer would run the prompt through the model once per answer.
 fn answer_logprobs_local(
     m: &LoadedModel,
     prompts: &[String],
@@ -225,16 +226,10 @@ fn answer_logprobs_local(
         .context("tokenizing the answers")?;
     let mut out = Vec::with_capacity(prompts.len());
     for p in prompts {
-        let prompt_ids = tok.encode_prompt(p).context("tokenizing a prompt")?;
-        // One forward pass per prompt, a row per answer.
-        let seqs: Vec<Sequence> = answer_ids
-            .iter()
-            .map(|a| Sequence {
-                ids: prompt_ids.iter().chain(a).copied().collect(),
-                response_start: prompt_ids.len(),
-            })
-            .collect();
-        let per_token = response_logprobs(&m.model, &seqs)?.per_token_vecs()?;
+        let prompt = tok.encode_prompt(p).context("tokenizing a prompt")?;
+        let row = SharedPrompt { prompt, responses: answer_ids.clone() };
+        let per_token =
+            shared_prompt_logprobs(&m.model, std::slice::from_ref(&row))?.per_token_vecs()?;
         out.push(per_token.iter().map(|t| answer_logprob(t)).collect::<Result<_>>()?);
         progress.inc(1);
     }
@@ -328,6 +323,55 @@ mod tests {
         assert_eq!(answer_logprob(&[-1.0, -0.5, -9.0]).unwrap(), -1.5);
         assert!(answer_logprob(&[-9.0]).is_err());
         assert!(answer_logprob(&[]).is_err());
+    }
+
+    /// A tiny random checkpoint, loaded and packed as `dpo-eval --model` loads it.
+    fn tiny_local(dir: &std::path::Path) -> LoadedModel {
+        use candle_core::{DType, Device};
+        use dpo_common::model::{load_model, Mode};
+        use dpo_common::testing::{write_tiny_checkpoint, TinySpec};
+        write_tiny_checkpoint(dir, &TinySpec::default(), DType::F32, None).unwrap();
+        let mut m = load_model(dir, Mode::Frozen, DType::F32, &Device::Cpu).unwrap();
+        m.model.pack_for_inference().unwrap();
+        m
+    }
+
+    #[test]
+    fn shared_prompt_scores_equal_separate_rows() {
+        use dpo_common::logprob::{response_logprobs, Sequence};
+        let dir = tempfile::tempdir().unwrap();
+        let m = tiny_local(dir.path());
+        let prompts: Vec<String> = [
+            "Question: Which planet is largest?\nA. Mars\nB. Jupiter\nC. Venus\nD. Earth\nAnswer:",
+            "Q: 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 22\nAnswer:",
+            "Answer:",
+        ]
+        .map(String::from)
+        .to_vec();
+        let answers: Vec<String> =
+            ['A', 'B', 'C', 'D'].map(|l| format!(" The correct answer is {l}")).to_vec();
+        let shared = answer_logprobs_local(&m, &prompts, &answers, &ProgressBar::hidden()).unwrap();
+        assert_eq!(shared.len(), prompts.len());
+        let argmax =
+            |lps: &[f64]| (0..lps.len()).max_by(|&a, &b| lps[a].total_cmp(&lps[b])).unwrap();
+        for (p, got) in prompts.iter().zip(&shared) {
+            let prompt = m.tokenizer.encode_prompt(p).unwrap();
+            // Each answer on its own row, scored alone: no shared layout, no padding.
+            let separate: Vec<f64> = answers
+                .iter()
+                .map(|a| {
+                    let ids = [prompt.clone(), m.tokenizer.encode_response(a).unwrap()].concat();
+                    let seq = Sequence { ids, response_start: prompt.len() };
+                    let lp = response_logprobs(&m.model, &[seq]).unwrap();
+                    answer_logprob(&lp.per_token_vecs().unwrap()[0]).unwrap()
+                })
+                .collect();
+            assert_eq!(got.len(), 4);
+            for (x, y) in got.iter().zip(&separate) {
+                assert!((x - y).abs() < 1e-4, "shared {x} vs separate {y} for {p:?}");
+            }
+            assert_eq!(argmax(got), argmax(&separate), "{got:?} vs {separate:?}");
+        }
     }
 
     #[tokio::test]

@@ -30,12 +30,10 @@ pub struct Judge {
 
 impl Judge {
     pub async fn connect(opts: &ClientOptions) -> Result<Judge> {
-        let client = RefClient::connect(opts)
+        // Waits for a judge still loading its model, up to the connect timeout.
+        let client = RefClient::connect_waiting(opts)
             .await
             .with_context(|| format!("connecting to the judge at {}", opts.url))?;
-        if !client.health().await.with_context(|| format!("judge at {}", opts.url))? {
-            bail!("the judge at {} is not SERVING", opts.url);
-        }
         Ok(Judge {
             client,
             batch: 8,

@@ -1,0 +1,123 @@
+//! What a finished run prints: how far it trained, its last validation, and where its
+//! outputs are. Only outputs that exist are named: a run without validation pairs draws no
+//! chart, one that took no step saves no `last/`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint;
+use crate::metrics::{EvalResult, METRICS_FILE};
+use crate::plot::CHART_FILE;
+
+pub struct RunSummary {
+    pub steps: usize,
+    pub examples_seen: usize,
+    /// The best checkpoint's step, value and metric name (`None` when none was saved).
+    pub best: Option<(usize, f64, String)>,
+    pub final_eval: Option<EvalResult>,
+    pub outputs: RunOutputs,
+}
+
+/// The run's outputs in its directory, each `None` when it was not written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunOutputs {
+    pub best: Option<PathBuf>,
+    pub last: Option<PathBuf>,
+    pub metrics: Option<PathBuf>,
+    pub chart: Option<PathBuf>,
+}
+
+impl RunOutputs {
+    /// Looks for each output in `out`.
+    pub fn found_in(out: &Path) -> Self {
+        let existing = |path: PathBuf| path.exists().then_some(path);
+        RunOutputs {
+            best: existing(checkpoint::best_dir(out)),
+            last: existing(checkpoint::last_dir(out)),
+            metrics: existing(out.join(METRICS_FILE)),
+            chart: existing(out.join(CHART_FILE)),
+        }
+    }
+}
+
+impl fmt::Display for RunSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut lines =
+            vec![format!("trained {} steps ({} examples)", self.steps, self.examples_seen)];
+        if let Some(e) = &self.final_eval {
+            lines.push(format!(
+                "final validation: loss {:.4}, reward accuracy {:.3}, log-prob accuracy {:.3}, margin {:.4}",
+                e.loss, e.reward_accuracy, e.logp_accuracy, e.margin
+            ));
+        }
+        let outputs = &self.outputs;
+        match (&self.best, &outputs.best) {
+            (Some((step, value, metric)), Some(dir)) => {
+                lines.push(format!("best:    {} (step {step}, {metric} {value:.4})", dir.display()))
+            }
+            _ => lines.push("best:    none saved (no evaluation after step 0)".into()),
+        }
+        for (label, path) in [
+            ("resume: ", &outputs.last),
+            ("metrics:", &outputs.metrics),
+            ("chart:  ", &outputs.chart),
+        ] {
+            if let Some(path) = path {
+                lines.push(format!("{label} {}", path.display()));
+            }
+        }
+        if let Some(peak) = dpo_common::memory::peak_rss_bytes() {
+            lines.push(format!("peak memory (RSS): {:.2} GiB", peak as f64 / (1u64 << 30) as f64));
+        }
+        write!(f, "{}", lines.join("\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(out: &Path, best: Option<(usize, f64, String)>) -> String {
+        RunSummary {
+            steps: 3,
+            examples_seen: 24,
+            best,
+            final_eval: None,
+            outputs: RunOutputs::found_in(out),
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn names_only_the_outputs_that_were_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        let name = |file: &str| out.join(file).display().to_string();
+        // A run without validation pairs: metrics and last/, no evaluation, no chart.
+        std::fs::write(out.join(METRICS_FILE), "").unwrap();
+        std::fs::create_dir(checkpoint::last_dir(out)).unwrap();
+        let text = summary(out, None);
+        assert!(text.contains(&format!("metrics: {}", name(METRICS_FILE))), "{text}");
+        assert!(text.contains(&format!("resume:  {}", name(checkpoint::LAST_DIR))), "{text}");
+        assert!(text.contains("best:    none saved"), "{text}");
+        assert!(!text.contains(CHART_FILE) && !text.contains("chart:"), "{text}");
+
+        // With a chart and best/, both are named.
+        std::fs::write(out.join(CHART_FILE), b"png").unwrap();
+        std::fs::create_dir(checkpoint::best_dir(out)).unwrap();
+        let text = summary(out, Some((2, 0.75, "reward_accuracy".into())));
+        assert!(text.contains(&format!("chart:   {}", name(CHART_FILE))), "{text}");
+        assert!(
+            text.contains(&format!(
+                "best:    {} (step 2, reward_accuracy 0.7500)",
+                name(checkpoint::BEST_DIR)
+            )),
+            "{text}"
+        );
+
+        // Nothing written at all: no path is named.
+        let empty = tempfile::tempdir().unwrap();
+        let text = summary(empty.path(), None);
+        assert!(!text.contains(&empty.path().display().to_string()), "{text}");
+    }
+}
