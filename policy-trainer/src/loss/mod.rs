@@ -115,6 +115,25 @@ pub fn batch_loss(spec: &LossSpec, pairs: &[PairLogps]) -> Result<BatchLoss> {
     Ok(BatchLoss { loss, term_values, grads, rewards })
 }
 
+/// The loss when the policy is the reference (every log-ratio 0), as training starts: the same
+/// for every pair and batch for a spec whose terms all read the reference. `None` for `simpo`
+/// and `sft`, whose value depends on the policy's own log-probs.
+pub fn loss_at_reference(spec: &LossSpec) -> Result<Option<f64>> {
+    if spec.terms.iter().any(|(k, _)| !k.needs_reference()) {
+        return Ok(None);
+    }
+    // Any log-probs and token counts do, as long as policy and reference agree.
+    let pair = PairLogps {
+        policy_chosen: -1.0,
+        policy_rejected: -2.0,
+        ref_chosen: -1.0,
+        ref_rejected: -2.0,
+        chosen_tokens: 1,
+        rejected_tokens: 1,
+    };
+    Ok(Some(batch_loss(spec, &[pair])?.loss))
+}
+
 fn rewards(spec: &LossSpec, p: &PairLogps) -> PairRewards {
     let beta = spec.beta;
     if spec.needs_reference() {

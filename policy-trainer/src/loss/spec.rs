@@ -117,6 +117,13 @@ impl LossKind {
     pub fn couples_batch(self) -> bool {
         matches!(self, LossKind::Aot | LossKind::AotUnpaired | LossKind::Sft)
     }
+
+    /// Whether a pair's gradient depends on the other pairs' log-probs (AOT's sorts). `sft`
+    /// couples the batch only through its token count: its gradient, `−1/Σ n_c`, is known
+    /// before any log-prob is.
+    pub fn gradient_couples_batch(self) -> bool {
+        matches!(self, LossKind::Aot | LossKind::AotUnpaired)
+    }
 }
 
 impl fmt::Display for LossKind {
@@ -246,6 +253,19 @@ impl LossSpec {
     /// Whether some term couples the pairs of a batch (see [`LossKind::couples_batch`]).
     pub fn couples_batch(&self) -> bool {
         self.terms.iter().any(|(k, _)| k.couples_batch())
+    }
+
+    /// Whether some term's gradient for a pair depends on the other pairs' log-probs (see
+    /// [`LossKind::gradient_couples_batch`]): the trainer then needs all of a micro-batch's
+    /// policy log-probs before its first backward.
+    pub fn gradient_couples_batch(&self) -> bool {
+        self.terms.iter().any(|(k, _)| k.gradient_couples_batch())
+    }
+
+    /// Whether each pair has a loss of its own, the batch loss being their mean (no term
+    /// couples the batch): then per-pair extremes are defined.
+    pub fn has_pair_losses(&self) -> bool {
+        !self.couples_batch()
     }
 
     /// Every check, each error naming the flag to fix.

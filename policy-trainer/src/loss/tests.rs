@@ -142,7 +142,50 @@ fn loss_at_step_zero() {
             "{kind}: {} vs closed form {expected}",
             out.loss
         );
+        // What the trainer prints before its first step: the same value, data-independent
+        // where every term reads the reference.
+        match loss_at_reference(&spec).unwrap() {
+            Some(value) => assert!((value - expected).abs() < 1e-12, "{kind}: {value}"),
+            None => assert!(matches!(kind, LossKind::Simpo | LossKind::Sft), "{kind}"),
+        }
     }
+    // A mix: the weighted sum of its terms' step-0 values; with sft, data-dependent.
+    let mix = |loss| {
+        let flags = LossFlags {
+            loss,
+            beta,
+            label_smoothing: None,
+            discopop_tau: None,
+            gamma_beta_ratio: None,
+            sft_weight: None,
+        };
+        loss_at_reference(&LossSpec::from_flags(&flags).unwrap()).unwrap()
+    };
+    let value = mix("sigmoid:2,hinge:0.5").unwrap();
+    assert!((value - (2.0 * LN2 + 0.5)).abs() < 1e-12, "{value}");
+    assert_eq!(mix("sigmoid,sft:0.5"), None);
+}
+
+/// Only AOT's gradients need the other pairs' log-probs; sft's needs their token counts only.
+#[test]
+fn which_gradients_couple_the_batch() {
+    for kind in LossKind::ALL {
+        let spec = spec_of(kind, 0.1);
+        assert_eq!(
+            spec.gradient_couples_batch(),
+            matches!(kind, LossKind::Aot | LossKind::AotUnpaired),
+            "{kind}"
+        );
+        assert_eq!(spec.has_pair_losses(), !kind.couples_batch(), "{kind}");
+    }
+    // sft: moving another pair's log-probs leaves a pair's gradient unchanged.
+    let spec = LossSpec::single(LossKind::Sft, 0.1);
+    let mut moved = batch();
+    moved[1].policy_chosen -= 3.0;
+    assert_eq!(
+        batch_loss(&spec, &batch()).unwrap().grads,
+        batch_loss(&spec, &moved).unwrap().grads
+    );
 }
 
 /// Margins of ±1e4 nats (a diverged run, or a bad reference) must not produce inf or NaN where
