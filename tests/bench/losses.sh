@@ -6,7 +6,7 @@
 # it, the validation reward accuracy and margin at the end, and the validation loss at step 0
 # (policy = reference) and at the end.
 #
-#   tests/bench/losses.sh                 # every row (about 25 minutes on 2 CPU cores)
+#   tests/bench/losses.sh                 # every row (about 25 minutes on 2 idle CPU cores)
 #   tests/bench/losses.sh ipo simpo       # only these rows (by the name in the first column)
 #
 # Sizes (environment): STEPS (20), BATCH (8), MICRO (4), VAL (64), LR (1e-5),
