@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every preference loss on the same footing: SmolLM2-135M-Instruct (the GGUF that
-# deploy/fetch-model.sh fetches), the same preference pairs, the same split, steps and
+# deploy/fetch-model.sh fetches), the same preference pairs (single-turn Anthropic HH
+# harmless-base), the same split, steps and
 # optimizer, one reference server (and one reference cache) shared by all reference-based
 # runs; SimPO runs with no server. Prints a markdown table: the loss, the flags that select
 # it, the validation reward accuracy and margin at the end, and the validation loss at step 0
@@ -10,12 +11,25 @@
 #   tests/bench/losses.sh ipo simpo       # only these rows (by the name in the first column)
 #
 # Sizes (environment): STEPS (20), BATCH (8), MICRO (4), VAL (64), LR (1e-5),
-# MAX_LENGTH (128), SEED (0), DATA (deploy/data/default_prefs.jsonl: single-turn Anthropic HH
-# harmless-base pairs). DPO_BIN_DIR: use the binaries there instead of a release build.
+# MAX_LENGTH (128), SEED (0). Data: HH_DIR ($DPO_SHARED_DATA/hh, default ../shared/data/hh),
+# the directory holding harmless-base/{train,test}.jsonl.gz, split HH_SPLIT (test: the file
+# at hand offline); or DATA=FILE.jsonl, any preference JSONL (e.g. the shipped
+# deploy/data/default_prefs.jsonl). DPO_BIN_DIR: use the binaries there instead of a release
+# build.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 steps=${STEPS:-20} batch=${BATCH:-8} micro=${MICRO:-4} val=${VAL:-64} lr=${LR:-1e-5}
-max_length=${MAX_LENGTH:-128} seed=${SEED:-0} data=${DATA:-deploy/data/default_prefs.jsonl}
+max_length=${MAX_LENGTH:-128} seed=${SEED:-0}
+hh_dir=${HH_DIR:-${DPO_SHARED_DATA:-../shared/data}/hh} hh_split=${HH_SPLIT:-test}
+if [[ -n ${DATA:-} ]]; then
+  data_args=(--data "$DATA") data_name=$DATA
+elif compgen -G "$hh_dir/harmless-base/$hh_split.jsonl*" >/dev/null; then
+  data_args=(--hh-dir "$hh_dir" --hh-subsets harmless-base --hh-split "$hh_split")
+  data_name="HH harmless-base $hh_split (single-turn pairs)"
+else
+  echo "losses.sh: no HH file $hh_dir/harmless-base/$hh_split.jsonl.gz; set HH_DIR, or DATA=FILE.jsonl" >&2
+  exit 2
+fi
 
 # name | the flags that select the loss (β 0.1 unless given). `none`-reference rows are the
 # reference-free ones.
@@ -87,12 +101,12 @@ if [[ -n $needs_server ]]; then
     || { cat "$work/server.log" >&2; exit 1; }
 fi
 
-common=(--model "$model" --data "$data" --batch-size "$batch" --micro-batch "$micro"
+common=(--model "$model" "${data_args[@]}" --batch-size "$batch" --micro-batch "$micro"
   --val-size "$val" --lr "$lr" --max-length "$max_length" --max-steps "$steps"
   --eval-every "$steps" --seed "$seed" --no-progress)
-echo "policy-trainer train --data $data --batch-size $batch --micro-batch $micro --val-size $val" \
-  "--lr $lr --max-length $max_length --max-steps $steps --seed $seed (SmolLM2-135M-Instruct GGUF," \
-  "$(date +%F)); each row adds its flags:"
+echo "policy-trainer train ${data_args[*]} --batch-size $batch --micro-batch $micro --val-size $val" \
+  "--lr $lr --max-length $max_length --max-steps $steps --seed $seed ($data_name," \
+  "SmolLM2-135M-Instruct GGUF, $(date +%F)); each row adds its flags:"
 echo
 echo "| loss | flags | val reward accuracy | val margin | val loss at step 0 | val loss at step $steps | minutes |"
 echo "|---|---|---|---|---|---|---|"
