@@ -280,8 +280,8 @@ impl Trainer {
         let note = if saved { " — new best, saved best/" } else { "" };
         let e = &result;
         self.progress.println(format!(
-            "step {:>5} eval: loss {:.4}  reward acc {:.3}  logp acc {:.3}  margin {:+.4}{note}",
-            record.step, e.loss, e.reward_accuracy, e.logp_accuracy, e.margin
+            "step {:>5} eval: loss ({}) {:.4}  reward acc {:.3}  logp acc {:.3}  margin {:+.4}{note}",
+            record.step, record.loss_type, e.loss, e.reward_accuracy, e.logp_accuracy, e.margin
         ));
         self.redraw_chart();
         Ok(())
