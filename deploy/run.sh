@@ -8,6 +8,8 @@
 #   deploy/run.sh --data hh --hh-dir DIR         # Anthropic HH files in DIR
 #   deploy/run.sh --data my_pairs.jsonl          # your {"prompt","chosen","rejected"} JSONL
 #   deploy/run.sh --model /models/Llama-3.1-8B-Instruct --lr 1e-6 --batch-size 64
+#   deploy/run.sh --loss ipo                     # another loss (docs/training.md#losses)
+#   deploy/run.sh --loss simpo                   # reference-free: no ref-server is started
 #
 # Separate hosts (same flags for auth/TLS on both sides):
 #   host A:  deploy/run.sh ref --listen 0.0.0.0:50051 --auth-token-file token.txt
@@ -22,7 +24,8 @@
 #   --device DEV          policy device (default: cuda:1 with DPO_CUDA=1, else cpu)
 #   --dtype D             f32|bf16|f16 for both models (default f32); --ref-dtype D: server only
 #   --listen ADDR:PORT    ref-server address (default 127.0.0.1:0 for `all`, 0.0.0.0:50051 for `ref`)
-#   --ref-server URL      (train) the server to use
+#   --ref-server URL      (train) the server to use; `none` for a reference-free loss
+#   --loss SPEC           passed on; a reference-free one (simpo, sft) starts no server
 #   --auth-token-file F   bearer token file (server and client); or set DPO_AUTH_TOKEN
 #   --tls-cert F --tls-key F   (ref) serve TLS;  --tls-ca F  (train) trust this CA
 # Environment: DPO_CACHE (model cache, default .cache), DPO_CUDA=1 (build with CUDA),
@@ -35,10 +38,10 @@ cd "$root"
 mode=all
 case ${1:-} in
   all|ref|train) mode=$1; shift ;;
-  -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 
-model="" data="" hh_dir="" out="" ref_device="" device="" listen="" ref_server="" dtype="" ref_dtype=""
+model="" data="" hh_dir="" out="" ref_device="" device="" listen="" ref_server="" dtype="" ref_dtype="" loss=""
 auth_file="" tls_cert="" tls_key="" tls_ca=""
 pass=()
 need() { [[ $# -ge 2 ]] || { echo "run.sh: $1 needs a value" >&2; exit 2; }; }
@@ -58,6 +61,9 @@ while [[ $# -gt 0 ]]; do
     --tls-cert) need "$@"; tls_cert=$2; shift 2 ;;
     --tls-key) need "$@"; tls_key=$2; shift 2 ;;
     --tls-ca) need "$@"; tls_ca=$2; shift 2 ;;
+    # Read (the last one wins, as in the trainer) and passed on.
+    --loss) need "$@"; loss=$2; pass+=("$1" "$2"); shift 2 ;;
+    --loss=*) loss=${1#--loss=}; pass+=("$1"); shift ;;
     *) pass+=("$1"); shift ;;
   esac
 done
@@ -132,9 +138,30 @@ train_args=(train --model "$model" --out "$out" --device "$device" "${data_args[
 [[ -n $auth_file ]] && train_args+=(--auth-token-file "$auth_file")
 [[ -n $tls_ca ]] && train_args+=(--tls-ca "$tls_ca")
 
+# Whether --loss reads no reference: every term (NAME or NAME:WEIGHT) is simpo or sft. The
+# trainer checks the spec itself; this only decides whether a server is needed.
+reference_free() {
+  local term name terms
+  [[ -n $loss ]] || return 1
+  IFS=, read -ra terms <<<"$loss"
+  for term in "${terms[@]}"; do
+    name=${term%%:*}
+    name=${name//[[:space:]]/}
+    [[ $name == simpo || $name == sft ]] || return 1
+  done
+}
+if [[ -z $ref_server ]] && reference_free; then
+  ref_server=none
+fi
+
 if [[ $mode == train ]]; then
   [[ -n $ref_server ]] || { echo "run.sh train: --ref-server URL is required" >&2; exit 2; }
   exec "$bin/policy-trainer" "${train_args[@]}" --ref-server "$ref_server" "${pass[@]}"
+fi
+
+if [[ $ref_server == none ]]; then
+  echo "run.sh: --loss ${loss:-sigmoid} without a reference: no ref-server; training (outputs in $out)" >&2
+  exec "$bin/policy-trainer" "${train_args[@]}" --ref-server none "${pass[@]}"
 fi
 
 # mode all: our own server on an ephemeral loopback port.

@@ -3,13 +3,21 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use candle_core::DType;
 use clap::{Args, ValueEnum};
 use dpo_common::template::Template;
 use dpo_proto::client::ClientOptions;
 use dpo_proto::token::load_token;
 
+use crate::loss::{LossFlags, LossSpec};
 use crate::metrics::{EvalResult, ReportTo};
+
+/// `--ref-server none`: no reference server, for a reference-free loss.
+pub const NO_REFERENCE: &str = "none";
+
+/// The reference server when `--ref-server` is not given.
+pub const DEFAULT_REF_SERVER: &str = "http://127.0.0.1:50051";
 
 /// Which validation number picks the `best/` checkpoint.
 /// `--length-policy`, mapped onto the data layer's [`dpo_common::data::LengthPolicy`]
@@ -52,11 +60,12 @@ impl StateDtype {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SelectMetric {
-    /// Fraction of pairs whose implicit reward β(π−ref) is higher for the chosen response.
+    /// Fraction of pairs whose implicit reward (β(π−ref); β·π/n without a reference) is
+    /// higher for the chosen response.
     RewardAccuracy,
     /// Fraction of pairs where the policy gives the chosen response the higher log-prob.
     LogpAccuracy,
-    /// Validation DPO loss (lower is better).
+    /// Validation loss, of the --loss in use (lower is better).
     Loss,
 }
 
@@ -95,9 +104,12 @@ pub struct TrainArgs {
     #[arg(long)]
     pub model: PathBuf,
 
-    /// The reference server (http://HOST:PORT, or https:// with TLS).
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub ref_server: String,
+    /// The reference server (http://HOST:PORT, or https:// with TLS) [default:
+    /// http://127.0.0.1:50051]. `none` for a reference-free --loss (simpo, sft): no server,
+    /// no reference cache. A reference-free loss never contacts a server; one given anyway
+    /// is reported as unused.
+    #[arg(long)]
+    pub ref_server: Option<String>,
 
     /// File holding the server's bearer token (or set DPO_AUTH_TOKEN).
     #[arg(long)]
@@ -165,9 +177,34 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
-    /// DPO temperature β.
+    /// The preference loss, as TRL names it: sigmoid (DPO), robust, ipo, hinge, exo_pair,
+    /// nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop,
+    /// sigmoid_norm, simpo (reference-free), sft (NLL of the chosen response); or a weighted
+    /// mix, e.g. `sigmoid:1,sft:0.5` (docs/training.md#losses).
+    #[arg(long, default_value = "sigmoid")]
+    pub loss: String,
+
+    /// The temperature β of every loss (IPO's τ, SimPO's β).
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
+
+    /// ε, the assumed rate of flipped labels: conservative DPO (sigmoid), robust, exo_pair
+    /// (needed there), aot, aot_unpaired, simpo [default: 0].
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+
+    /// DiscoPOP's τ (discopop only) [default: 0.05].
+    #[arg(long)]
+    pub discopop_tau: Option<f64>,
+
+    /// SimPO's target margin γ in units of β (simpo only) [default: 0.25].
+    #[arg(long)]
+    pub gamma_beta_ratio: Option<f64>,
+
+    /// Adds the NLL of the chosen response with this weight (RPO; the same as `,sft:W` in
+    /// --loss).
+    #[arg(long)]
+    pub sft_weight: Option<f64>,
 
     /// RMSprop learning rate.
     #[arg(long, default_value_t = 1e-6)]
@@ -274,10 +311,32 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// The loss the flags choose, checked (every error names its flag).
+    pub fn loss_spec(&self) -> anyhow::Result<LossSpec> {
+        LossSpec::from_flags(&LossFlags {
+            loss: &self.loss,
+            beta: self.beta,
+            label_smoothing: self.label_smoothing,
+            discopop_tau: self.discopop_tau,
+            gamma_beta_ratio: self.gamma_beta_ratio,
+            sft_weight: self.sft_weight,
+        })
+    }
+
+    /// The reference server's URL; `None` for `--ref-server none`.
+    pub fn ref_server_url(&self) -> Option<&str> {
+        match self.ref_server.as_deref() {
+            Some(NO_REFERENCE) => None,
+            Some(url) => Some(url),
+            None => Some(DEFAULT_REF_SERVER),
+        }
+    }
+
     /// How to reach the reference server: its URL, bearer token and TLS settings.
     pub fn client_options(&self) -> anyhow::Result<ClientOptions> {
+        let url = self.ref_server_url().context("--ref-server none: there is no server")?;
         Ok(ClientOptions {
-            url: self.ref_server.clone(),
+            url: url.to_string(),
             token: load_token(self.auth_token_file.as_deref())?,
             ca_cert: self.tls_ca.clone(),
             tls_domain: self.tls_domain.clone(),
@@ -307,6 +366,13 @@ impl TrainArgs {
         anyhow::ensure!(self.save_every > 0, "--save-every must be at least 1");
         anyhow::ensure!(self.epochs > 0, "--epochs must be at least 1");
         anyhow::ensure!(self.beta > 0.0, "--beta must be positive");
+        let spec = self.loss_spec()?;
+        anyhow::ensure!(
+            !spec.needs_reference() || self.ref_server_url().is_some(),
+            "--loss {spec} needs a reference model, but --ref-server is none; give the \
+             reference server's URL (only reference-free losses train without one: simpo, \
+             sft, or a mix of them)"
+        );
         anyhow::ensure!(self.lr >= 0.0, "--lr must not be negative");
         anyhow::ensure!(self.max_length >= 2, "--max-length must be at least 2");
         anyhow::ensure!(self.max_grad_norm >= 0.0, "--max-grad-norm must not be negative");

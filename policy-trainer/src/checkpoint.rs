@@ -45,6 +45,10 @@ pub struct TrainerState {
     pub epoch: usize,
     pub epoch_position: usize,
     pub examples_seen: usize,
+    /// Input tokens trained on so far, as TRL counts them (`metrics::TrainRecord::num_tokens`);
+    /// 0 in the state of a run saved before it was counted.
+    #[serde(default)]
+    pub num_tokens: u64,
     /// Best validation value so far and its step (`None` before the first eligible eval).
     pub best_value: Option<f64>,
     pub best_step: Option<usize>,

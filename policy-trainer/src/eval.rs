@@ -1,25 +1,31 @@
-//! Validation: the DPO loss and implicit-reward statistics of the current policy on the
-//! held-out pairs, against the (cached) reference scores.
+//! Validation: the loss (`--loss`) and implicit-reward statistics of the current policy on
+//! the held-out pairs, against the (cached) reference scores, or without any for a
+//! reference-free loss.
 
 use anyhow::Result;
 use dpo_common::data::EncodedPair;
 use dpo_common::model::Llama;
 
-use crate::dpo;
+use crate::loss::{batch_loss, LossSpec};
 use crate::metrics::EvalResult;
-use crate::passes::{common_prefix, policy_logprobs};
+use crate::passes::{common_prefix, loss_inputs, policy_logprobs};
 use crate::ref_client::ReferenceScorer;
+use crate::stats::LossStats;
 
-/// Scores `val` with the policy in chunks of `chunk` pairs, without gradients.
+/// Scores `val` with the policy in chunks of `chunk` pairs, without gradients. A loss that
+/// couples pairs (`aot`, `sft`) is taken per chunk, as training takes it per micro-batch.
+/// `scorer` is `None` for a reference-free loss.
 pub fn evaluate(
     policy: &Llama,
-    scorer: &ReferenceScorer,
+    scorer: Option<&ReferenceScorer>,
     val: &[EncodedPair],
-    beta: f64,
+    loss: &LossSpec,
     chunk: usize,
     prefix_min_tokens: usize,
 ) -> Result<EvalResult> {
-    scorer.prefetch(val);
+    if let Some(scorer) = scorer {
+        scorer.prefetch(val);
+    }
     // The policy's current weights (shared storage), without an autograd graph: a
     // validation pass needs no more memory than the reference's forward.
     let policy = &policy.frozen_view()?;
@@ -28,12 +34,16 @@ pub fn evaluate(
         Some(ids) => Some(policy.prefix_kv(&ids)?),
         None => None,
     };
-    let mut totals = dpo::DpoStats::default();
+    let mut totals = LossStats::default();
     for pairs in val.chunks(chunk.max(1)) {
-        let (chosen, rejected) = policy_logprobs(policy, pairs, prefix.as_ref())?;
-        let refs = scorer.scores(pairs)?;
-        let out = dpo::dpo_loss(&chosen, &rejected, &refs, beta)?;
-        totals.merge(&out.stats);
+        let scored = policy_logprobs(policy, pairs, prefix.as_ref())?;
+        let refs = scorer.map(|s| s.scores(pairs)).transpose()?;
+        let mut inputs = loss_inputs(pairs, refs.as_deref());
+        for (p, (chosen, rejected)) in inputs.iter_mut().zip(scored) {
+            (p.policy_chosen, p.policy_rejected) = (chosen, rejected);
+        }
+        let out = batch_loss(loss, &inputs)?;
+        totals.merge(&LossStats::of(loss, &inputs, &out)?);
     }
     Ok(EvalResult {
         loss: totals.mean_loss(),
@@ -45,6 +55,8 @@ pub fn evaluate(
         rejected_reward: totals.mean_rejected_reward(),
         margin: totals.mean_margin(),
         pairs: totals.count,
+        chosen_logp: totals.mean_chosen_logp(),
+        rejected_logp: totals.mean_rejected_logp(),
     })
 }
 

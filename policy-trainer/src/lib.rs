@@ -1,5 +1,5 @@
-//! The DPO policy trainer as a library: the binary (`main.rs`) parses flags and drives the
-//! training loop over these building blocks.
+//! The preference-tuning (DPO and its family) policy trainer as a library: the binary
+//! (`main.rs`) parses flags and drives the training loop over these building blocks.
 //!
 //! - [`args`]: the `train` flags and their checks.
 //! - [`train`]: the loop itself ([`train::Trainer`]: setup, step, evaluate, finish);
@@ -7,7 +7,8 @@
 //!   forward passes, for both.
 //! - [`ref_client`]: the reference server connection (prefetch, retries, timeout) over the
 //!   [`ref_cache`] of reference scores (in memory and on disk).
-//! - [`dpo`]: the DPO loss, implicit rewards and batch statistics on candle tensors.
+//! - [`loss`]: the preference losses (TRL's `loss_type`s and SimPO), their gradients and
+//!   implicit rewards; [`stats`]: what training and validation report about them.
 //! - [`optim`]: RMSprop with PyTorch semantics, gradient accumulation and norm clipping.
 //! - [`checkpoint`]: `best/` and `last/` (model, trainer state, optimizer state).
 //! - [`metrics`]: the [`metrics::METRICS_FILE`] log, one JSON object per optimizer step /
@@ -17,8 +18,8 @@
 
 pub mod args;
 pub mod checkpoint;
-pub mod dpo;
 pub mod eval;
+pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod passes;
@@ -26,6 +27,7 @@ pub mod plot;
 pub mod progress;
 pub mod ref_cache;
 pub mod ref_client;
+pub mod stats;
 pub mod summary;
 pub mod tensorboard;
 pub mod train;

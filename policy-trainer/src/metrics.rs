@@ -30,24 +30,62 @@ use crate::tensorboard::EventWriter;
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// One optimizer step (all values over that step's batch).
+///
+/// Beside this trainer's names, the record carries TRL's (`DPOTrainer`'s logged keys) for the
+/// same quantities, so that dashboards and scripts written for TRL's logs read it as they are.
+/// Records of older runs lack the TRL names and `loss_type`: they read back as NaN, 0 and "".
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct TrainRecord {
     pub step: usize,
     pub epoch: usize,
     pub examples_seen: usize,
+    /// The training loss (`--loss`), the mean over the batch.
     #[serde(deserialize_with = "f64_or_nan")]
     pub loss: f64,
     #[serde(deserialize_with = "f64_or_nan")]
     pub reward_accuracy: f64,
     #[serde(deserialize_with = "f64_or_nan")]
     pub margin: f64,
-    /// Before clipping.
+    /// Before clipping (TRL's name too).
     #[serde(deserialize_with = "f64_or_nan")]
     pub grad_norm: f64,
     #[serde(deserialize_with = "f64_or_nan")]
     pub lr: f64,
     #[serde(deserialize_with = "f64_or_nan")]
     pub examples_per_second: f64,
+    /// The `--loss` spec in use, as written on the command line (`sigmoid`, `sigmoid:1,sft:0.5`).
+    #[serde(default)]
+    pub loss_type: String,
+    /// TRL: mean implicit reward of the chosen responses.
+    #[serde(rename = "rewards/chosen", default = "nan", deserialize_with = "f64_or_nan")]
+    pub rewards_chosen: f64,
+    /// TRL: mean implicit reward of the rejected responses.
+    #[serde(rename = "rewards/rejected", default = "nan", deserialize_with = "f64_or_nan")]
+    pub rewards_rejected: f64,
+    /// TRL: `reward_accuracy`.
+    #[serde(rename = "rewards/accuracies", default = "nan", deserialize_with = "f64_or_nan")]
+    pub rewards_accuracies: f64,
+    /// TRL: `margin`.
+    #[serde(rename = "rewards/margins", default = "nan", deserialize_with = "f64_or_nan")]
+    pub rewards_margins: f64,
+    /// TRL: mean policy log-prob of the chosen responses (summed over their tokens).
+    #[serde(rename = "logps/chosen", default = "nan", deserialize_with = "f64_or_nan")]
+    pub logps_chosen: f64,
+    /// TRL: mean policy log-prob of the rejected responses.
+    #[serde(rename = "logps/rejected", default = "nan", deserialize_with = "f64_or_nan")]
+    pub logps_rejected: f64,
+    /// TRL: `lr`.
+    #[serde(default = "nan", deserialize_with = "f64_or_nan")]
+    pub learning_rate: f64,
+    /// TRL: input tokens trained on so far, counted as TRL feeds them (each response with its
+    /// own copy of the prompt: prompt·2 + chosen + rejected per pair), although a shared-prompt
+    /// row here computes the prompt once.
+    #[serde(default)]
+    pub num_tokens: u64,
+}
+
+fn nan() -> f64 {
+    f64::NAN
 }
 
 /// One validation pass, averaged over the validation pairs.
@@ -55,13 +93,16 @@ pub struct TrainRecord {
 pub struct EvalResult {
     #[serde(deserialize_with = "f64_or_nan")]
     pub loss: f64,
-    /// Smallest and largest per-pair loss (both ln 2 at step 0, when policy = reference).
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub loss_min: f64,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub loss_max: f64,
+    /// Smallest and largest per-pair loss (at step 0, when policy = reference, both equal the
+    /// loss). Absent where the loss is not a mean of per-pair losses (`aot`, `aot_unpaired`,
+    /// a mix with `sft`: their loss is a chunk's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_max: Option<f64>,
     /// Fraction of pairs whose chosen response has the higher implicit reward by more than
-    /// the tie tolerance (`dpo::is_tie`; ties count as wrong).
+    /// the tie tolerance (`stats::is_tie`, `stats::is_tie_without_reference`; ties count as
+    /// wrong).
     #[serde(deserialize_with = "f64_or_nan")]
     pub reward_accuracy: f64,
     /// Fraction of pairs with π_c > π_r.
@@ -74,10 +115,17 @@ pub struct EvalResult {
     #[serde(deserialize_with = "f64_or_nan")]
     pub margin: f64,
     pub pairs: usize,
+    /// Mean policy log-probs of the chosen and the rejected responses (summed over tokens).
+    #[serde(default = "nan", deserialize_with = "f64_or_nan")]
+    pub chosen_logp: f64,
+    #[serde(default = "nan", deserialize_with = "f64_or_nan")]
+    pub rejected_logp: f64,
 }
 
 /// One validation pass after `step` optimizer steps: its [`EvalResult`], where in the run it
-/// was taken and how long it took. The result's fields sit at the top level of the JSON line.
+/// was taken and how long it took. The result's fields sit at the top level of the JSON line,
+/// followed by the loss in use and TRL's `eval_` names for the same quantities (built by
+/// [`EvalRecord::new`]; older runs' records lack them).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct EvalRecord {
     pub step: usize,
@@ -86,6 +134,49 @@ pub struct EvalRecord {
     pub result: EvalResult,
     #[serde(deserialize_with = "f64_or_nan")]
     pub seconds: f64,
+    /// The `--loss` spec in use.
+    #[serde(default)]
+    pub loss_type: String,
+    #[serde(default = "nan", deserialize_with = "f64_or_nan")]
+    pub eval_loss: f64,
+    #[serde(rename = "eval_rewards/chosen", default = "nan", deserialize_with = "f64_or_nan")]
+    pub eval_rewards_chosen: f64,
+    #[serde(rename = "eval_rewards/rejected", default = "nan", deserialize_with = "f64_or_nan")]
+    pub eval_rewards_rejected: f64,
+    #[serde(rename = "eval_rewards/accuracies", default = "nan", deserialize_with = "f64_or_nan")]
+    pub eval_rewards_accuracies: f64,
+    #[serde(rename = "eval_rewards/margins", default = "nan", deserialize_with = "f64_or_nan")]
+    pub eval_rewards_margins: f64,
+    #[serde(rename = "eval_logps/chosen", default = "nan", deserialize_with = "f64_or_nan")]
+    pub eval_logps_chosen: f64,
+    #[serde(rename = "eval_logps/rejected", default = "nan", deserialize_with = "f64_or_nan")]
+    pub eval_logps_rejected: f64,
+}
+
+impl EvalRecord {
+    /// The record of `result`, with TRL's names filled from it.
+    pub fn new(
+        step: usize,
+        examples_seen: usize,
+        result: EvalResult,
+        seconds: f64,
+        loss_type: String,
+    ) -> Self {
+        EvalRecord {
+            step,
+            examples_seen,
+            result,
+            seconds,
+            loss_type,
+            eval_loss: result.loss,
+            eval_rewards_chosen: result.chosen_reward,
+            eval_rewards_rejected: result.rejected_reward,
+            eval_rewards_accuracies: result.reward_accuracy,
+            eval_rewards_margins: result.margin,
+            eval_logps_chosen: result.chosen_logp,
+            eval_logps_rejected: result.rejected_logp,
+        }
+    }
 }
 
 /// serde_json writes NaN and ±inf as `null`; read `null` back as NaN.
@@ -330,26 +421,36 @@ mod tests {
             grad_norm: 1.5,
             lr: 1e-6,
             examples_per_second: 3.25,
+            loss_type: "sigmoid".into(),
+            rewards_chosen: 0.02,
+            rewards_rejected: 0.02 - 0.01 * step as f64,
+            rewards_accuracies: 0.5,
+            rewards_margins: 0.01 * step as f64,
+            logps_chosen: -40.0,
+            logps_rejected: -45.0,
+            learning_rate: 1e-6,
+            num_tokens: step as u64 * 9000,
+        }
+    }
+
+    fn result() -> EvalResult {
+        EvalResult {
+            loss: 0.6,
+            loss_min: Some(0.1),
+            loss_max: Some(1.2),
+            reward_accuracy: 0.55,
+            logp_accuracy: 0.45,
+            chosen_reward: 0.02,
+            rejected_reward: -0.01,
+            margin: 0.03,
+            pairs: 200,
+            chosen_logp: -40.5,
+            rejected_logp: -44.0,
         }
     }
 
     fn eval(step: usize) -> EvalRecord {
-        EvalRecord {
-            step,
-            examples_seen: step * 64,
-            result: EvalResult {
-                loss: 0.6,
-                loss_min: 0.1,
-                loss_max: 1.2,
-                reward_accuracy: 0.55,
-                logp_accuracy: 0.45,
-                chosen_reward: 0.02,
-                rejected_reward: -0.01,
-                margin: 0.03,
-                pairs: 200,
-            },
-            seconds: 12.0,
-        }
+        EvalRecord::new(step, step * 64, result(), 12.0, "sigmoid".into())
     }
 
     #[test]
@@ -388,10 +489,50 @@ mod tests {
                 r#"{"kind":"eval","step":2,"examples_seen":128,"loss":0.6,"loss_min":0.1,"#,
                 r#""loss_max":1.2,"reward_accuracy":0.55,"logp_accuracy":0.45,"#,
                 r#""chosen_reward":0.02,"rejected_reward":-0.01,"margin":0.03,"pairs":200,"#,
-                r#""seconds":12.0}"#,
+                r#""chosen_logp":-40.5,"rejected_logp":-44.0,"seconds":12.0,"#,
+                r#""loss_type":"sigmoid","eval_loss":0.6,"eval_rewards/chosen":0.02,"#,
+                r#""eval_rewards/rejected":-0.01,"eval_rewards/accuracies":0.55,"#,
+                r#""eval_rewards/margins":0.03,"eval_logps/chosen":-40.5,"#,
+                r#""eval_logps/rejected":-44.0}"#,
                 "\n"
             )
         );
+    }
+
+    /// Lines written before the TRL names, the logps and `loss_type` existed still read; a
+    /// loss without per-pair losses leaves `loss_min` / `loss_max` out of the line.
+    #[test]
+    fn older_lines_read_and_absent_extremes_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(METRICS_FILE);
+        std::fs::write(
+            &path,
+            concat!(
+                r#"{"kind":"eval","step":0,"examples_seen":0,"loss":0.69,"loss_min":0.69,"#,
+                r#""loss_max":0.69,"reward_accuracy":0.0,"logp_accuracy":0.5,"chosen_reward":0.0,"#,
+                r#""rejected_reward":0.0,"margin":0.0,"pairs":8,"seconds":1.0}"#,
+                "\n",
+                r#"{"kind":"train","step":1,"epoch":0,"examples_seen":8,"loss":0.69,"#,
+                r#""reward_accuracy":0.5,"margin":0.0,"grad_norm":1.0,"lr":1e-6,"#,
+                r#""examples_per_second":2.0}"#,
+                "\n"
+            ),
+        )
+        .unwrap();
+        let (t, e) = read_metrics(&path).unwrap();
+        assert_eq!(e[0].result.loss_max, Some(0.69));
+        assert!(e[0].eval_loss.is_nan() && e[0].result.chosen_logp.is_nan());
+        assert_eq!((t[0].num_tokens, t[0].loss_type.as_str()), (0, ""));
+        assert!(t[0].rewards_chosen.is_nan());
+
+        let mut log = MetricsLog::open(&path, None).unwrap();
+        let mut coupled = result();
+        (coupled.loss_min, coupled.loss_max) = (None, None);
+        log.log_eval(&EvalRecord::new(3, 24, coupled, 1.0, "aot".into())).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("loss_min") && !text.contains("loss_max"), "{text}");
+        assert!(text.contains(r#""loss_type":"aot""#), "{text}");
+        assert_eq!(read_metrics(&path).unwrap().1[0].result, coupled);
     }
 
     #[test]

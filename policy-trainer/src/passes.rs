@@ -5,11 +5,13 @@
 //! their passes here.
 
 use anyhow::Result;
-use candle_core::Tensor;
 use dpo_common::data::EncodedPair;
 use dpo_common::logprob::{prefixed_logprobs, shared_prompt_logprobs, SharedPrompt};
 use dpo_common::model::{Llama, PrefixKv};
 use dpo_common::prefix::usable_prefix_len;
+
+use crate::loss::PairLogps;
+use crate::ref_cache::RefScores;
 
 /// Smallest fraction of real (not padding) tokens in a forward pass: on a CPU a padded
 /// position costs as much as a real one. A looser fill (0.5) packs more rows per pass but
@@ -69,36 +71,55 @@ pub fn common_prefix(pairs: &[EncodedPair], min_tokens: usize) -> Option<Vec<u32
     (min_tokens > 0 && len >= min_tokens).then(|| first[..len].to_vec())
 }
 
-/// Policy log-probs of pairs, without gradients (validation): (chosen [m], rejected [m]).
+/// The loss's inputs for `pairs` before the policy has run: each response's token count and
+/// the reference scores (`refs[i]` for pair `i`; 0 for a reference-free loss, which reads
+/// none), with the policy's log-probs set equal to the reference's until a pass fills them in.
+pub fn loss_inputs(pairs: &[EncodedPair], refs: Option<&[RefScores]>) -> Vec<PairLogps> {
+    pairs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let r = refs.map_or(RefScores { chosen: 0.0, rejected: 0.0 }, |refs| refs[i]);
+            PairLogps {
+                policy_chosen: r.chosen,
+                policy_rejected: r.rejected,
+                ref_chosen: r.chosen,
+                ref_rejected: r.rejected,
+                chosen_tokens: p.chosen_ids.len(),
+                rejected_tokens: p.rejected_ids.len(),
+            }
+        })
+        .collect()
+}
+
+/// Policy log-probs of pairs, without gradients (validation, or the scoring pass of a loss
+/// that couples a micro-batch): (chosen, rejected) per pair, summed over each response.
 /// With `prefix` (which every pair's prompt must extend), its tokens are not recomputed.
 pub fn policy_logprobs(
     policy: &Llama,
     pairs: &[EncodedPair],
     prefix: Option<&PrefixKv>,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<Vec<(f64, f64)>> {
     let (rows, passes) = row_passes(pairs);
-    let mut chosen = vec![0f32; pairs.len()];
-    let mut rejected = vec![0f32; pairs.len()];
+    let mut out = vec![(0.0, 0.0); pairs.len()];
     for pass in &passes {
         let batch: Vec<SharedPrompt> = pass.iter().map(|&i| rows[i].clone()).collect();
         let lp = match prefix {
             Some(prefix) => prefixed_logprobs(policy, &batch, prefix)?,
             None => shared_prompt_logprobs(policy, &batch)?,
         };
-        let sums = lp.sums.to_vec1::<f32>()?;
-        for (k, &i) in pass.iter().enumerate() {
-            chosen[i] = sums[2 * k];
-            rejected[i] = sums[2 * k + 1];
+        let sums = lp.sums.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        for (&i, cr) in pass.iter().zip(sums.chunks_exact(2)) {
+            out[i] = (cr[0] as f64, cr[1] as f64);
         }
     }
-    let device = policy.device();
-    Ok((Tensor::new(chosen, device)?, Tensor::new(rejected, device)?))
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::{DType, Device, Tensor};
     use dpo_common::logprob::response_logprobs;
     use dpo_common::model::backward;
     use dpo_common::model::Mode;
@@ -140,12 +161,11 @@ mod tests {
         let prefix_ids = common_prefix(&pairs, 2).unwrap();
         let kv = policy.prefix_kv(&prefix_ids).unwrap();
         for prefix in [None, Some(&kv)] {
-            let (c, r) = policy_logprobs(&policy, &pairs, prefix).unwrap();
-            let (c, r) = (c.to_vec1::<f32>().unwrap(), r.to_vec1::<f32>().unwrap());
-            for (i, p) in pairs.iter().enumerate() {
+            let scored = policy_logprobs(&policy, &pairs, prefix).unwrap();
+            for (p, (c, r)) in pairs.iter().zip(scored) {
                 let one = |s| response_logprobs(&policy, &[s]).unwrap().sums_vec().unwrap()[0];
-                assert!((c[i] as f64 - one(p.chosen_sequence())).abs() < 1e-4);
-                assert!((r[i] as f64 - one(p.rejected_sequence())).abs() < 1e-4);
+                assert!((c - one(p.chosen_sequence())).abs() < 1e-4);
+                assert!((r - one(p.rejected_sequence())).abs() < 1e-4);
             }
         }
         // Gradients: the shared rows, passes and hand-written backward of a micro-batch give

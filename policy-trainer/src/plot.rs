@@ -1,7 +1,7 @@
 //! The training chart ([`CHART_FILE`] in the output directory), redrawn after every
 //! evaluation from the metrics log ([`METRICS_FILE`](crate::metrics::METRICS_FILE)): validation reward and log-prob accuracy against steps
-//! (best point marked) above, training and validation DPO loss (with the ln 2 starting
-//! value) below.
+//! (best point marked) above, training and validation loss, named by its `--loss` (with its
+//! step-0 value, where the policy is the reference: ln 2 for DPO), below.
 //!
 //! Text is drawn with a DejaVu Sans subset compiled into the binary (`assets/`), so the chart
 //! renders the same on a machine without fontconfig or any system font.
@@ -171,19 +171,31 @@ fn loss_panel(
     eval: &[EvalRecord],
     x_range: std::ops::Range<f64>,
 ) -> Result<()> {
-    let ln2 = std::f64::consts::LN_2;
     let train_pts = finite(train.iter().map(|r| (r.step as f64, r.loss)));
     let eval_pts = finite(eval.iter().map(|r| (r.step as f64, r.result.loss)));
     let smooth = moving_average(&train_pts, 20);
+    let loss_type = loss_name(train, eval);
+    // Where every curve starts: the step-0 validation loss (policy = reference), or for DPO
+    // without one, ln 2.
+    let start = eval
+        .iter()
+        .find(|r| r.step == 0 && r.result.loss.is_finite())
+        .map(|r| r.result.loss)
+        .or((loss_type == "sigmoid").then_some(std::f64::consts::LN_2));
     let (lo, hi) = train_pts
         .iter()
         .chain(&eval_pts)
-        .fold((ln2, ln2), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+        .map(|p| p.1)
+        .chain(start)
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| (lo.min(y), hi.max(y)));
+    let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
     let pad = ((hi - lo) * 0.08).max(0.02);
-    let y_range = (lo - pad).max(0.0)..hi + pad;
+    // Most losses are ≥ 0; a few (robust, sppo-free mixes) can go below, so only clamp at 0
+    // what never went below it.
+    let y_range = if lo >= 0.0 { (lo - pad).max(0.0)..hi + pad } else { lo - pad..hi + pad };
 
     let mut chart = ChartBuilder::on(area)
-        .caption("DPO loss", ("sans-serif", 24))
+        .caption(format!("loss ({loss_type})"), ("sans-serif", 24))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
@@ -199,16 +211,18 @@ fn loss_panel(
         .light_line_style(RGBColor(235, 235, 235))
         .draw()
         .map_err(plot_err)?;
-    chart
-        .draw_series(DashedLineSeries::new(
-            [(x_range.start, ln2), (x_range.end, ln2)],
-            8,
-            6,
-            GUIDE_COLOR.stroke_width(1),
-        ))
-        .map_err(plot_err)?
-        .label("ln 2 (policy = reference)")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], GUIDE_COLOR));
+    if let Some(start) = start {
+        chart
+            .draw_series(DashedLineSeries::new(
+                [(x_range.start, start), (x_range.end, start)],
+                8,
+                6,
+                GUIDE_COLOR.stroke_width(1),
+            ))
+            .map_err(plot_err)?
+            .label(format!("step 0: {start:.4} (policy = reference)"))
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], GUIDE_COLOR));
+    }
     chart
         .draw_series(LineSeries::new(train_pts.iter().copied(), TRAIN_COLOR.stroke_width(1)))
         .map_err(plot_err)?
@@ -240,6 +254,12 @@ fn loss_panel(
         .draw()
         .map_err(plot_err)?;
     Ok(())
+}
+
+/// The `--loss` the records name (the latest); older logs name none and were DPO's.
+fn loss_name<'a>(train: &'a [TrainRecord], eval: &'a [EvalRecord]) -> &'a str {
+    let mut named = train.iter().map(|r| &r.loss_type).chain(eval.iter().map(|r| &r.loss_type));
+    named.rfind(|t| !t.is_empty()).map_or("sigmoid", |t| t.as_str())
 }
 
 /// Drops points with a non-finite value (a NaN would break the axis range).
@@ -277,46 +297,73 @@ mod tests {
         let eval_at = |s: usize| {
             let t = s as f64 / steps as f64;
             let wobble = ((s * 7919) % 13) as f64 / 13.0 - 0.5;
-            EvalRecord {
-                step: s,
-                examples_seen: s * 64,
-                result: EvalResult {
-                    loss: std::f64::consts::LN_2 - 0.12 * t + 0.01 * wobble,
-                    loss_min: 0.3,
-                    loss_max: 1.1,
-                    reward_accuracy: if s == 0 {
-                        0.0
-                    } else {
-                        0.5 + 0.2 * (1.0 - (-4.0 * t).exp()) + 0.03 * wobble
-                    },
-                    logp_accuracy: 0.45 + 0.1 * t + 0.02 * wobble,
-                    chosen_reward: 0.01 * t,
-                    rejected_reward: -0.05 * t,
-                    margin: 0.06 * t,
-                    pairs: 200,
+            let result = EvalResult {
+                loss: std::f64::consts::LN_2 - 0.12 * t + 0.01 * wobble,
+                loss_min: Some(0.3),
+                loss_max: Some(1.1),
+                reward_accuracy: if s == 0 {
+                    0.0
+                } else {
+                    0.5 + 0.2 * (1.0 - (-4.0 * t).exp()) + 0.03 * wobble
                 },
-                seconds: 10.0,
-            }
+                logp_accuracy: 0.45 + 0.1 * t + 0.02 * wobble,
+                chosen_reward: 0.01 * t,
+                rejected_reward: -0.05 * t,
+                margin: 0.06 * t,
+                pairs: 200,
+                chosen_logp: -40.0,
+                rejected_logp: -42.0,
+            };
+            EvalRecord::new(s, s * 64, result, 10.0, "sigmoid".into())
         };
         log.log_eval(&eval_at(0)).unwrap();
         for s in 1..=steps {
             let noise = ((s * 104_729) % 97) as f64 / 97.0 - 0.5;
-            log.log_train(&TrainRecord {
-                step: s,
-                epoch: 0,
-                examples_seen: s * 64,
-                loss: std::f64::consts::LN_2 - 0.15 * s as f64 / steps as f64 + 0.06 * noise,
-                reward_accuracy: 0.6,
-                margin: 0.05,
-                grad_norm: 3.0,
-                lr: 1e-6,
-                examples_per_second: 2.0,
-            })
-            .unwrap();
+            let loss = std::f64::consts::LN_2 - 0.15 * s as f64 / steps as f64 + 0.06 * noise;
+            log.log_train(&train_record(s, loss, "sigmoid")).unwrap();
             if s % 25 == 0 {
                 log.log_eval(&eval_at(s)).unwrap();
             }
         }
+    }
+
+    fn train_record(step: usize, loss: f64, loss_type: &str) -> TrainRecord {
+        TrainRecord {
+            step,
+            epoch: 0,
+            examples_seen: step * 64,
+            loss,
+            reward_accuracy: 0.6,
+            margin: 0.05,
+            grad_norm: 3.0,
+            lr: 1e-6,
+            examples_per_second: 2.0,
+            loss_type: loss_type.into(),
+            rewards_chosen: 0.02,
+            rewards_rejected: -0.03,
+            rewards_accuracies: 0.6,
+            rewards_margins: 0.05,
+            logps_chosen: -40.0,
+            logps_rejected: -42.0,
+            learning_rate: 1e-6,
+            num_tokens: step as u64 * 9000,
+        }
+    }
+
+    /// The loss panel names the loss of the run (the records' `loss_type`), DPO's for logs
+    /// that predate it.
+    #[test]
+    fn the_loss_panel_names_the_loss() {
+        let ipo = [train_record(1, 6.0, "ipo"), train_record(2, 5.0, "ipo")];
+        assert_eq!(loss_name(&ipo, &[]), "ipo");
+        assert_eq!(loss_name(&[train_record(1, 0.6, "")], &[]), "sigmoid");
+        // A loss above 1 and one below 0 both fit the panel.
+        let dir = tempfile::tempdir().unwrap();
+        let png = dir.path().join(CHART_FILE);
+        render(&ipo, &[], &png).unwrap();
+        render(&[train_record(1, -0.5, "robust"), train_record(2, 0.3, "robust")], &[], &png)
+            .unwrap();
+        assert!(Chart::read(&png).count_in(TRAIN_COLOR.rgb(), Half::Bottom) > 0);
     }
 
     #[test]
@@ -362,22 +409,20 @@ mod tests {
         assert!(empty.count(|p| p == [0, 0, 0]) > 500, "the title and axes are drawn");
         let reward = empty.count_in(REWARD_COLOR.rgb(), Half::Top);
         assert!(reward < 100, "the legend's sample only, no accuracy curve: {reward} pixels");
-        let mut nan_eval = EvalRecord {
-            step: 0,
-            examples_seen: 0,
-            result: EvalResult {
-                loss: f64::NAN,
-                loss_min: f64::NAN,
-                loss_max: f64::NAN,
-                reward_accuracy: f64::NAN,
-                logp_accuracy: f64::NAN,
-                chosen_reward: 0.0,
-                rejected_reward: 0.0,
-                margin: 0.0,
-                pairs: 0,
-            },
-            seconds: 0.0,
+        let nan_result = EvalResult {
+            loss: f64::NAN,
+            loss_min: None,
+            loss_max: None,
+            reward_accuracy: f64::NAN,
+            logp_accuracy: f64::NAN,
+            chosen_reward: 0.0,
+            rejected_reward: 0.0,
+            margin: 0.0,
+            pairs: 0,
+            chosen_logp: f64::NAN,
+            rejected_logp: f64::NAN,
         };
+        let mut nan_eval = EvalRecord::new(0, 0, nan_result, 0.0, "sigmoid".into());
         render(&[], std::slice::from_ref(&nan_eval), &png).unwrap();
         nan_eval.result.loss = 0.69;
         render(&[], &[nan_eval], &png).unwrap();

@@ -17,7 +17,12 @@ use dpo_common::data::EncodedPair;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use crate::dpo::RefScores;
+/// Reference log-probs of one pair's two responses (summed over response tokens, nats).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RefScores {
+    pub chosen: f64,
+    pub rejected: f64,
+}
 
 /// Cache key: SHA-256 of (reference fingerprint, prompt, chosen, rejected ids).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

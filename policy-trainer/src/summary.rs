@@ -10,6 +10,10 @@ use crate::metrics::{EvalResult, METRICS_FILE};
 use crate::plot::CHART_FILE;
 
 pub struct RunSummary {
+    /// The `--loss` spec.
+    pub loss: String,
+    /// True when the loss read no reference (no server was contacted).
+    pub reference_free: bool,
     pub steps: usize,
     pub examples_seen: usize,
     /// The best checkpoint's step, value and metric name (`None` when none was saved).
@@ -42,8 +46,13 @@ impl RunOutputs {
 
 impl fmt::Display for RunSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut lines =
-            vec![format!("trained {} steps ({} examples)", self.steps, self.examples_seen)];
+        let mut lines = vec![
+            format!("trained {} steps ({} examples)", self.steps, self.examples_seen),
+            match self.reference_free {
+                true => format!("loss:    {} (reference-free: no reference server)", self.loss),
+                false => format!("loss:    {}", self.loss),
+            },
+        ];
         if let Some(e) = &self.final_eval {
             lines.push(format!(
                 "final validation: loss {:.4}, reward accuracy {:.3}, log-prob accuracy {:.3}, margin {:.4}",
@@ -79,6 +88,8 @@ mod tests {
 
     fn summary(out: &Path, best: Option<(usize, f64, String)>) -> String {
         RunSummary {
+            loss: "simpo".into(),
+            reference_free: true,
             steps: 3,
             examples_seen: 24,
             best,
@@ -100,6 +111,7 @@ mod tests {
         assert!(text.contains(&format!("metrics: {}", name(METRICS_FILE))), "{text}");
         assert!(text.contains(&format!("resume:  {}", name(checkpoint::LAST_DIR))), "{text}");
         assert!(text.contains("best:    none saved"), "{text}");
+        assert!(text.contains("loss:    simpo (reference-free: no reference server)"), "{text}");
         assert!(!text.contains(CHART_FILE) && !text.contains("chart:"), "{text}");
 
         // With a chart and best/, both are named.

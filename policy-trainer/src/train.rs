@@ -1,7 +1,8 @@
-//! The DPO training loop: data → policy log-probs (with gradients) and reference
-//! log-probs (from the server, prefetched and cached) → DPO loss → gradient accumulation
-//! over `--batch-size` pairs → one RMSprop step; validation every `--eval-every` steps,
-//! `best/` on each new best validation metric, `last/` every `--save-every` steps.
+//! The preference training loop: data → policy log-probs (with gradients) and reference
+//! log-probs (from the server, prefetched and cached; none for a reference-free loss) →
+//! the `--loss` ([`crate::loss`]) → gradient accumulation over `--batch-size` pairs → one
+//! RMSprop step; validation every `--eval-every` steps, `best/` on each new best validation
+//! metric, `last/` every `--save-every` steps.
 //!
 //! A run is a pure function of (starting model, data, flags): the data order comes from
 //! the seed and the epoch, so `--resume` from `last/` replays exactly the steps an
@@ -14,7 +15,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use dpo_common::data::{self, EncodedPair, PreferencePair};
 use dpo_common::device::parse_device;
 use dpo_common::logprob::SharedPrompt;
@@ -25,24 +26,26 @@ use dpo_common::sround::update_seed;
 use dpo_common::tokenizer::LlamaTokenizer;
 use sha2::{Digest, Sha256};
 
-use crate::args::TrainArgs;
+use crate::args::{TrainArgs, NO_REFERENCE};
 use crate::checkpoint::{self, BestMeta, TrainerState};
-use crate::dpo;
 use crate::eval::evaluate;
+use crate::loss::{batch_loss, loss_at_reference, LossSpec};
 use crate::metrics::{EvalRecord, EvalResult, MetricsLog, TrainRecord, METRICS_FILE};
 use crate::optim::{clip_grad_norm, GradAccumulator, RmsProp, RmsPropConfig};
-use crate::passes::{common_prefix, row_passes, shared_row};
+use crate::passes::{common_prefix, loss_inputs, policy_logprobs, row_passes, shared_row};
 use crate::plot;
 use crate::progress::Progress;
-use crate::ref_cache::RefCache;
+use crate::ref_cache::{RefCache, RefScores};
 use crate::ref_client::{ReferenceScorer, ScorerOptions};
+use crate::stats::LossStats;
 pub use crate::summary::{RunOutputs, RunSummary};
 
 /// Trains as the flags say and returns what to print.
 pub fn run(args: TrainArgs) -> Result<RunSummary> {
     let mut trainer = Trainer::setup(args)?;
     if trainer.state.step == 0 {
-        // The starting point of the curve; policy == reference, so the loss is ln 2.
+        // The starting point of the curve: policy == reference, so for a loss that reads the
+        // reference, the value `loss_at_reference` printed at start-up (ln 2 for DPO).
         trainer.evaluate(false)?;
     }
     while !trainer.done() {
@@ -61,9 +64,11 @@ pub fn run(args: TrainArgs) -> Result<RunSummary> {
 /// A run in progress: the policy, its reference, the data, and what each step changes.
 pub struct Trainer {
     args: TrainArgs,
+    loss: LossSpec,
     policy: Llama,
     tokenizer: LlamaTokenizer,
-    scorer: ReferenceScorer,
+    /// `None` for a reference-free loss: no server, no cache.
+    scorer: Option<ReferenceScorer>,
     train_set: Vec<EncodedPair>,
     val_set: Vec<EncodedPair>,
     optimizer: RmsProp,
@@ -80,10 +85,14 @@ pub struct Trainer {
 
 impl Trainer {
     /// Everything before the first step: the data, the policy (from `last/` on `--resume`),
-    /// the reference server, the tokenized split, the memory check, the optimizer and the
-    /// trainer state (restored on `--resume`), the metrics log.
+    /// the reference server (unless the loss is reference-free), the tokenized split, the
+    /// memory check, the optimizer and the trainer state (restored on `--resume`), the
+    /// metrics log.
     pub fn setup(args: TrainArgs) -> Result<Self> {
+        // Every flag, the loss's included, before anything loads.
         args.validate()?;
+        let loss = args.loss_spec()?;
+        describe_loss(&loss)?;
         // The data first: a wrong path or a malformed file fails in a second, not after the
         // model has loaded and the server answered.
         let pairs = load_pairs(&args)?;
@@ -97,8 +106,15 @@ impl Trainer {
             load_policy(&args, resumed.is_some(), dtype, &device)?;
         let start_fingerprint =
             resumed.as_ref().map(|s| s.start_fingerprint.clone()).unwrap_or(fingerprint);
-        let scorer = connect_reference(&args, &policy, &start_fingerprint)?;
-        let max_tokens = scorer.info().max_tokens_per_item as usize;
+        let scorer = if loss.needs_reference() {
+            Some(connect_reference(&args, &policy, &start_fingerprint)?)
+        } else {
+            announce_reference_free(&args, &loss);
+            None
+        };
+        // The server's limit per pair; without a server, --max-length alone.
+        let max_tokens =
+            scorer.as_ref().map_or(usize::MAX, |s| s.info().max_tokens_per_item as usize);
         let (train_set, val_set) = encode_and_split(&args, &tokenizer, &pairs, max_tokens)?;
         check_memory(&args, &policy, &device, dtype, &train_set, &val_set)?;
 
@@ -111,6 +127,7 @@ impl Trainer {
                 epoch: 0,
                 epoch_position: 0,
                 examples_seen: 0,
+                num_tokens: 0,
                 best_value: None,
                 best_step: None,
                 seed: args.seed,
@@ -128,6 +145,7 @@ impl Trainer {
         let order = data::epoch_order(train_set.len(), args.seed, state.epoch as u64);
         Ok(Trainer {
             args,
+            loss,
             policy,
             tokenizer,
             scorer,
@@ -160,14 +178,14 @@ impl Trainer {
                 slot.insert(GradAccumulator::new(self.policy.vars(), self.args.grad_dtype.dtype())?)
             }
         };
-        let stats = batch_grads(
-            &self.args,
-            &self.policy,
-            &self.scorer,
-            &batch,
-            self.state.step,
-            accumulator,
-        )?;
+        let scorer = self.scorer.as_ref();
+        let step = StepInputs {
+            args: &self.args,
+            loss: &self.loss,
+            policy: &self.policy,
+            reference: &|pairs: &[EncodedPair]| reference_scores(scorer, pairs),
+        };
+        let stats = batch_grads(&step, &batch, self.state.step, accumulator)?;
         let grad_norm = clip_grad_norm(accumulator, self.args.max_grad_norm)?;
         // The passes' activations are freed, but glibc keeps their pages resident; hand
         // them back before the step writes the optimizer state, which on the first step
@@ -179,6 +197,7 @@ impl Trainer {
         self.state.step += 1;
         self.state.epoch_position = end;
         self.state.examples_seen += batch.len();
+        self.state.num_tokens += batch.iter().map(trl_input_tokens).sum::<u64>();
         let record = TrainRecord {
             step: self.state.step,
             epoch: self.state.epoch,
@@ -189,6 +208,15 @@ impl Trainer {
             grad_norm,
             lr: self.args.lr,
             examples_per_second: batch.len() as f64 / started.elapsed().as_secs_f64(),
+            loss_type: self.loss.to_string(),
+            rewards_chosen: stats.mean_chosen_reward(),
+            rewards_rejected: stats.mean_rejected_reward(),
+            rewards_accuracies: stats.reward_accuracy(),
+            rewards_margins: stats.mean_margin(),
+            logps_chosen: stats.mean_chosen_logp(),
+            logps_rejected: stats.mean_rejected_logp(),
+            learning_rate: self.args.lr,
+            num_tokens: self.state.num_tokens,
         };
         self.metrics.log_train(&record)?;
         self.progress.step(&record);
@@ -216,8 +244,10 @@ impl Trainer {
         // Keep the server busy with what comes next while the policy works on this batch.
         // The batch itself goes first (cached pairs are skipped): the server answers roughly
         // in request order, and this batch is what the policy waits on now.
-        let ahead_end = (end + args.ref_prefetch).min(train_set.len());
-        self.scorer.prefetch(order[state.epoch_position..ahead_end].iter().map(|&i| &train_set[i]));
+        if let Some(scorer) = &self.scorer {
+            let ahead_end = (end + args.ref_prefetch).min(train_set.len());
+            scorer.prefetch(order[state.epoch_position..ahead_end].iter().map(|&i| &train_set[i]));
+        }
         (batch, end)
     }
 
@@ -232,26 +262,27 @@ impl Trainer {
         let chunk = args.micro_batch.max(4);
         let result = evaluate(
             &self.policy,
-            &self.scorer,
+            self.scorer.as_ref(),
             &self.val_set,
-            args.beta,
+            &self.loss,
             chunk,
             args.prefix_min_tokens,
         )?;
-        let record = EvalRecord {
-            step: self.state.step,
-            examples_seen: self.state.examples_seen,
+        let record = EvalRecord::new(
+            self.state.step,
+            self.state.examples_seen,
             result,
-            seconds: started.elapsed().as_secs_f64(),
-        };
+            started.elapsed().as_secs_f64(),
+            self.loss.to_string(),
+        );
         self.metrics.log_eval(&record)?;
         self.last_eval = Some(result);
         let saved = eligible && self.save_if_best(&record)?;
         let note = if saved { " — new best, saved best/" } else { "" };
         let e = &result;
         self.progress.println(format!(
-            "step {:>5} eval: loss {:.4}  reward acc {:.3}  logp acc {:.3}  margin {:+.4}{note}",
-            record.step, e.loss, e.reward_accuracy, e.logp_accuracy, e.margin
+            "step {:>5} eval: loss ({}) {:.4}  reward acc {:.3}  logp acc {:.3}  margin {:+.4}{note}",
+            record.step, record.loss_type, e.loss, e.reward_accuracy, e.logp_accuracy, e.margin
         ));
         self.redraw_chart();
         Ok(())
@@ -288,7 +319,9 @@ impl Trainer {
 
     /// Writes `last/` (model, optimizer and trainer state) and the reference-score cache.
     pub fn save_last(&self) -> Result<()> {
-        self.scorer.flush_cache()?;
+        if let Some(scorer) = &self.scorer {
+            scorer.flush_cache()?;
+        }
         checkpoint::save_last(
             &self.args.out,
             &self.policy,
@@ -302,17 +335,21 @@ impl Trainer {
     /// Ends the run: the cache flushed, the reference's statistics logged, the summary.
     pub fn finish(self) -> Result<RunSummary> {
         self.progress.finish();
-        self.scorer.flush_cache()?;
-        let s = self.scorer.stats();
-        tracing::info!(
-            "reference: {} pairs in {} requests ({} retries), {} cached",
-            s.pairs_requested,
-            s.requests,
-            s.retries,
-            self.scorer.cached()
-        );
+        if let Some(scorer) = &self.scorer {
+            scorer.flush_cache()?;
+            let s = scorer.stats();
+            tracing::info!(
+                "reference: {} pairs in {} requests ({} retries), {} cached",
+                s.pairs_requested,
+                s.requests,
+                s.retries,
+                scorer.cached()
+            );
+        }
         let state = &self.state;
         Ok(RunSummary {
+            loss: self.loss.to_string(),
+            reference_free: self.scorer.is_none(),
             steps: state.step,
             examples_seen: state.examples_seen,
             best: state
@@ -325,30 +362,55 @@ impl Trainer {
     }
 }
 
-/// Adds the gradients of a batch's mean DPO loss into `accumulator` and returns the batch's
+/// The reference log-probs of a step's pairs: `None` for a reference-free loss.
+type ReferenceFn<'a> = dyn Fn(&[EncodedPair]) -> Result<Option<Vec<RefScores>>> + 'a;
+
+/// What every micro-batch of a step reads.
+struct StepInputs<'a> {
+    args: &'a TrainArgs,
+    loss: &'a LossSpec,
+    policy: &'a Llama,
+    reference: &'a ReferenceFn<'a>,
+}
+
+/// The scores of `pairs` from the server (waiting for those still in flight); none without one.
+fn reference_scores(
+    scorer: Option<&ReferenceScorer>,
+    pairs: &[EncodedPair],
+) -> Result<Option<Vec<RefScores>>> {
+    scorer.map(|s| s.scores(pairs)).transpose()
+}
+
+/// Adds the gradients of a batch's mean loss into `accumulator` and returns the batch's
 /// statistics. The prompts' common prefix, when there is one, goes through the policy once
 /// for the whole batch.
 fn batch_grads(
-    args: &TrainArgs,
-    policy: &Llama,
-    scorer: &ReferenceScorer,
+    step: &StepInputs<'_>,
     batch: &[EncodedPair],
-    step: usize,
+    step_index: usize,
     accumulator: &mut GradAccumulator,
-) -> Result<dpo::DpoStats> {
+) -> Result<LossStats> {
+    let args = step.args;
     // bf16 sums round stochastically at each add; seeded per step, a resumed run adds
     // with the same random bits as the uninterrupted one.
-    grad_ops::set_rounding_seed(update_seed(args.seed, step as u64, u64::MAX));
-    let mut stats = dpo::DpoStats::default();
+    grad_ops::set_rounding_seed(update_seed(args.seed, step_index as u64, u64::MAX));
+    let mut stats = LossStats::default();
     let mut prefix = match common_prefix(batch, args.prefix_min_tokens) {
-        Some(ids) => Some(backward::forward_prefix(policy, &ids)?),
+        Some(ids) => Some(backward::forward_prefix(step.policy, &ids)?),
         None => None,
+    };
+    // A loss whose gradient for one pair reads the others' log-probs (AOT sorts them) scores
+    // each micro-batch without gradients first, through a no-graph view of the weights.
+    let scoring_view = match step.loss.gradient_couples_batch() {
+        true => Some(step.policy.frozen_view()?),
+        false => None,
     };
     for micro in batch.chunks(args.micro_batch) {
         // Mean over the whole batch: each micro-batch adds its share of the sum.
         let micro_stats = accumulator.add_with(|grads| {
             let n = batch.len() as f64;
-            micro_batch_grads(args, policy, scorer, micro, n, grads, prefix.as_mut())
+            let scoring = scoring_view.as_ref();
+            micro_batch_grads(step, scoring, micro, n, grads, prefix.as_mut())
         })?;
         stats.merge(&micro_stats);
     }
@@ -358,55 +420,108 @@ fn batch_grads(
     Ok(stats)
 }
 
-/// Trains on a micro-batch: adds the gradients of its summed DPO loss / `divisor` into
+/// Trains on a micro-batch: adds the gradients of its loss × its pairs / `divisor` into
 /// `grads` (one per parameter, `Llama::params()` order) and returns its statistics.
 ///
-/// The reference scores are taken first (prefetched, so normally ready), which lets each
-/// forward pass be followed at once by its backward: only one pass's activations exist at
-/// a time. The policy side is `model::backward` (hand-written, gradients added in place);
-/// the loss's gradient with respect to each log-prob comes from candle's autograd on the
-/// few numbers of [`dpo::dpo_loss`], so the loss is written once. With `prefix`, the
-/// passes start from the step's prefix pass and add its gradients into it.
+/// The loss is the micro-batch's, as TRL computes it per device batch (which matters only
+/// for the terms that couple pairs: `aot`, `aot_unpaired`, `sft`). The reference scores are
+/// taken first (prefetched, so normally ready), which lets each forward pass be followed at
+/// once by its backward: only one pass's activations exist at a time. That works whenever a
+/// pair's gradient depends on its own log-probs alone, or, for `sft`, on the micro-batch's
+/// token counts, known before any pass: the pairs not yet computed hold placeholders that
+/// their gradients, unread, do not depend on. For AOT, whose gradients depend on every
+/// pair's log-probs, `scoring` (a no-graph view of the policy) scores the micro-batch first:
+/// one extra forward without activations kept, about a third more compute per step.
+///
+/// The policy side is `model::backward` (hand-written, gradients added in place); the loss's
+/// gradient with respect to each summed log-prob comes from [`batch_loss`]. With `prefix`,
+/// the passes start from the step's prefix pass and add its gradients into it.
 fn micro_batch_grads(
-    args: &TrainArgs,
-    policy: &Llama,
-    scorer: &ReferenceScorer,
+    step: &StepInputs<'_>,
+    scoring: Option<&Llama>,
     micro: &[EncodedPair],
     divisor: f64,
     grads: &mut [Tensor],
     mut prefix: Option<&mut PrefixPass>,
-) -> Result<dpo::DpoStats> {
-    let refs = scorer.scores(micro)?;
+) -> Result<LossStats> {
+    let (args, policy) = (step.args, step.policy);
+    let refs = (step.reference)(micro)?;
+    let mut pairs = loss_inputs(micro, refs.as_deref());
+    if let Some(view) = scoring {
+        let scored = policy_logprobs(view, micro, prefix.as_deref().map(PrefixPass::kv))?;
+        for (p, (chosen, rejected)) in pairs.iter_mut().zip(scored) {
+            (p.policy_chosen, p.policy_rejected) = (chosen, rejected);
+        }
+    }
+    // `batch_loss` is the mean over the micro-batch; the step's loss is the mean over the batch.
+    let scale = micro.len() as f64 / divisor;
     let (rows, passes) = row_passes(micro);
-    let mut stats = dpo::DpoStats::default();
     for pass in &passes {
         let batch: Vec<SharedPrompt> = pass.iter().map(|&i| rows[i].clone()).collect();
         let training = match prefix.as_deref() {
             Some(p) => backward::forward_shared_after(policy, &batch, p, args.grad_checkpointing)?,
             None => backward::forward_shared(policy, &batch, args.grad_checkpointing)?,
         };
-        let sums = training.logprobs.sums.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let (chosen, rejected): (Vec<f32>, Vec<f32>) =
-            sums.chunks_exact(2).map(|cr| (cr[0], cr[1])).unzip();
-        let device = policy.device();
-        let chosen = Var::from_tensor(&Tensor::new(chosen, device)?)?;
-        let rejected = Var::from_tensor(&Tensor::new(rejected, device)?)?;
-        let pass_refs: Vec<dpo::RefScores> = pass.iter().map(|&i| refs[i]).collect();
-        let out = dpo::dpo_loss(chosen.as_tensor(), rejected.as_tensor(), &pass_refs, args.beta)?;
-        stats.merge(&out.stats);
-        let loss_grads = (out.losses.sum_all()? / divisor)?.backward()?;
-        let d = |v: &Var| -> Result<Vec<f32>> {
-            let g = loss_grads.get(v.as_tensor()).context("the DPO loss has no gradient")?;
-            Ok(g.to_dtype(DType::F32)?.to_vec1::<f32>()?)
-        };
-        let (dc, dr) = (d(&chosen)?, d(&rejected)?);
-        let dsums: Vec<f32> = dc.iter().zip(&dr).flat_map(|(&c, &r)| [c, r]).collect();
+        if scoring.is_none() {
+            let sums = training.logprobs.sums.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            for (&i, cr) in pass.iter().zip(sums.chunks_exact(2)) {
+                (pairs[i].policy_chosen, pairs[i].policy_rejected) = (cr[0] as f64, cr[1] as f64);
+            }
+        }
+        let out = batch_loss(step.loss, &pairs)?;
+        let dsums: Vec<f32> = pass
+            .iter()
+            .flat_map(|&i| {
+                let g = out.grads[i];
+                [(g.policy_chosen * scale) as f32, (g.policy_rejected * scale) as f32]
+            })
+            .collect();
         match prefix.as_deref_mut() {
             Some(p) => backward::backward_after_prefix(training, &dsums, grads, p)?,
             None => backward::backward(training, &dsums, grads)?,
         }
     }
-    Ok(stats)
+    let out = batch_loss(step.loss, &pairs)?;
+    LossStats::of(step.loss, &pairs, &out)
+}
+
+/// A pair's input tokens as TRL counts them: each response fed with its own copy of the prompt.
+fn trl_input_tokens(p: &EncodedPair) -> u64 {
+    (2 * p.prompt_ids.len() + p.chosen_ids.len() + p.rejected_ids.len()) as u64
+}
+
+/// Prints the loss in use and, where it does not depend on the data, its value at step 0
+/// (the policy is the reference then).
+fn describe_loss(loss: &LossSpec) -> Result<()> {
+    let params = [
+        Some(format!("β {}", loss.beta)),
+        loss.label_smoothing.map(|e| format!("label smoothing {e}")),
+        loss.discopop_tau.map(|t| format!("DiscoPOP τ {t}")),
+        loss.gamma_beta_ratio.map(|g| format!("γ/β {g}")),
+    ];
+    let params: Vec<String> = params.into_iter().flatten().collect();
+    match loss_at_reference(loss)? {
+        Some(value) => eprintln!(
+            "loss {loss} ({}): {value:.6} at step 0, where the policy is the reference",
+            params.join(", ")
+        ),
+        None => eprintln!(
+            "loss {loss} ({}): reads the policy's own log-probs, so its step-0 value depends on the data",
+            params.join(", ")
+        ),
+    }
+    Ok(())
+}
+
+/// Says that a reference-free run uses no server, and that a server named anyway is unused.
+fn announce_reference_free(args: &TrainArgs, loss: &LossSpec) {
+    eprintln!(
+        "--loss {loss} is reference-free: no reference server, no reference cache, and no \
+         check that a server holds the starting model"
+    );
+    if let Some(url) = args.ref_server.as_deref().filter(|url| *url != NO_REFERENCE) {
+        tracing::warn!("--ref-server {url} is not used: --loss {loss} reads no reference");
+    }
 }
 
 /// Loads the preference pairs the flags name, printing what was kept and dropped.
@@ -490,6 +605,7 @@ fn connect_reference(
     start_fingerprint: &str,
 ) -> Result<ReferenceScorer> {
     let cache = RefCache::open(&args.ref_cache_path())?;
+    let url = args.ref_server_url().unwrap_or(NO_REFERENCE);
     let scorer = ReferenceScorer::connect(
         ScorerOptions {
             client: args.client_options()?,
@@ -504,7 +620,7 @@ fn connect_reference(
         let msg = format!(
             "the reference server {} holds a different model ({} from {}) than the policy \
              starts from ({} from {})",
-            args.ref_server,
+            url,
             info.fingerprint,
             info.source,
             start_fingerprint,
@@ -656,6 +772,136 @@ fn crash_if_asked(step: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+    use dpo_common::logprob::response_logprobs;
+    use dpo_common::testing::{tiny_config, tiny_weights, TinySpec};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        train: TrainArgs,
+    }
+
+    fn parse_args(extra: &[&str]) -> TrainArgs {
+        let mut argv = vec!["t", "--model", "m", "--data", "d.jsonl"];
+        argv.extend(extra);
+        Cli::try_parse_from(argv).unwrap().train
+    }
+
+    /// The trainer's accumulated gradient for one optimizer step — micro-batches, packed
+    /// passes, the shared prefix pass, the placeholders of not yet computed pairs, AOT's
+    /// scoring pass — equals an independent computation: autograd through each response
+    /// scored as its own sequence, of `Σ_m (|m|/|B|)·Σ_i ∂L_m/∂π_i · π_i` with `L_m` the loss of
+    /// micro-batch `m` and its gradient from the loss module (itself checked against TRL and by
+    /// finite differences). For a pair-local loss (sigmoid with label smoothing), a loss
+    /// coupled through token counts only (a mix with sft), and one coupled through log-probs
+    /// (aot).
+    #[test]
+    fn accumulated_gradients_equal_an_independent_computation() {
+        let cfg = tiny_config(&TinySpec::default());
+        let policy = Llama::from_weights(
+            cfg.clone(),
+            tiny_weights(&cfg, 11).unwrap(),
+            Mode::Trainable,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let pair = |p: usize, c: usize, r: usize, k: u32| EncodedPair {
+            prompt_ids: (1..=p as u32).map(|t| if t > 3 { t + k } else { t }).collect(),
+            chosen_ids: (30 + k..30 + k + c as u32).collect(),
+            rejected_ids: (60 + k..60 + k + r as u32).collect(),
+        };
+        let batch = [
+            pair(5, 3, 30, 0),
+            pair(4, 28, 2, 1),
+            pair(6, 4, 5, 2),
+            pair(5, 9, 7, 3),
+            pair(7, 2, 3, 4),
+            pair(4, 12, 11, 5),
+        ];
+        // Reference scores a few nats off the policy's own, differently per pair, so that
+        // margins (and AOT's sorted ones) are distinct.
+        let frozen = policy.frozen_view().unwrap();
+        let own = policy_logprobs(&frozen, &batch, None).unwrap();
+        let refs: Vec<RefScores> = own
+            .iter()
+            .enumerate()
+            .map(|(i, &(c, r))| RefScores {
+                chosen: c + 0.7 * i as f64 - 1.3,
+                rejected: r - 0.45 * (i as f64 - 2.5),
+            })
+            .collect();
+        let reference = |pairs: &[EncodedPair]| -> Result<Option<Vec<RefScores>>> {
+            let at = |p: &EncodedPair| batch.iter().position(|b| b == p).unwrap();
+            Ok(Some(pairs.iter().map(|p| refs[at(p)]).collect()))
+        };
+        let args =
+            parse_args(&["--batch-size", "6", "--micro-batch", "3", "--prefix-min-tokens", "2"]);
+        for (loss, beta, eps) in
+            [("sigmoid", 0.5, Some(0.1)), ("sigmoid:1,sft:0.5", 0.5, None), ("aot", 0.5, None)]
+        {
+            let spec = LossSpec::from_flags(&crate::loss::LossFlags {
+                loss,
+                beta,
+                label_smoothing: eps,
+                discopop_tau: None,
+                gamma_beta_ratio: None,
+                sft_weight: None,
+            })
+            .unwrap();
+            let step =
+                StepInputs { args: &args, loss: &spec, policy: &policy, reference: &reference };
+            let mut acc = GradAccumulator::new(policy.vars(), DType::F32).unwrap();
+            assert!(common_prefix(&batch, 2).is_some(), "the test should cover the prefix pass");
+            let stats = batch_grads(&step, &batch, 0, &mut acc).unwrap();
+
+            // The independent computation.
+            let mut surrogate: Option<Tensor> = None;
+            let mut loss_sum = 0.0;
+            for micro in batch.chunks(3) {
+                let mut sums = Vec::new();
+                let mut inputs = loss_inputs(micro, Some(&reference(micro).unwrap().unwrap()));
+                for (p, input) in micro.iter().zip(&mut inputs) {
+                    let seqs = [p.chosen_sequence(), p.rejected_sequence()];
+                    let lp = response_logprobs(&policy, &seqs).unwrap();
+                    let v = lp.sums_vec().unwrap();
+                    (input.policy_chosen, input.policy_rejected) = (v[0], v[1]);
+                    sums.push(lp.sums);
+                }
+                let out = batch_loss(&spec, &inputs).unwrap();
+                loss_sum += out.loss * micro.len() as f64;
+                let scale = micro.len() as f64 / batch.len() as f64;
+                for (s, g) in sums.iter().zip(&out.grads) {
+                    let w = [(g.policy_chosen * scale) as f32, (g.policy_rejected * scale) as f32];
+                    let w = Tensor::new(&w, &Device::Cpu).unwrap();
+                    let term = (s.to_dtype(DType::F32).unwrap() * w).unwrap().sum_all().unwrap();
+                    surrogate = Some(match surrogate {
+                        Some(t) => (t + term).unwrap(),
+                        None => term,
+                    });
+                }
+            }
+            let expected = surrogate.unwrap().backward().unwrap();
+            let mut largest = 0f32;
+            for (var, got) in policy.vars().iter().zip(acc.grads()) {
+                let want = expected.get(var.as_tensor()).unwrap();
+                let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+                let diff = diff.to_scalar::<f32>().unwrap();
+                let size = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                largest = largest.max(size);
+                assert!(diff < 1e-4, "{loss}: gradient differs by {diff} (entries up to {size})");
+            }
+            assert!(largest > 1e-3, "{loss}: the gradient should not be trivially zero");
+            let want = loss_sum / batch.len() as f64;
+            assert!(
+                (stats.mean_loss() - want).abs() < 1e-5,
+                "{loss}: {} vs {want}",
+                stats.mean_loss()
+            );
+            assert_eq!(stats.count, batch.len());
+        }
+    }
 
     /// `--grad-dtype` and `--optim-state-dtype` reach the memory model: Llama 3.1 8B with
     /// bf16 weights, bf16 sums, bf16 RMSprop state and checkpointing is predicted to fit an
@@ -663,17 +909,7 @@ mod tests {
     /// spare; with the f32 defaults it cannot.
     #[test]
     fn eight_b_fits_an_80_gb_card_with_the_bf16_flags() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            train: TrainArgs,
-        }
-        let args = |extra: &[&str]| {
-            let mut argv = vec!["t", "--model", "m", "--data", "d.jsonl", "--grad-checkpointing"];
-            argv.extend(extra);
-            Cli::try_parse_from(argv).unwrap().train
-        };
+        let args = |extra: &[&str]| parse_args(&[&["--grad-checkpointing"], extra].concat());
         let cfg = dpo_common::testing::llama31_8b_config();
         assert_eq!(memory::param_count(&cfg), 8_030_261_248);
         let card = 79u64 << 30;

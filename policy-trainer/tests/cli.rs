@@ -75,3 +75,49 @@ fn an_unknown_report_to_names_the_choices() {
     let e = stderr(&o);
     assert!(e.contains("wandb") && e.contains("none") && e.contains("tensorboard"), "{e}");
 }
+
+/// The loss flags' mistakes, each named before the data, the model or a server is touched
+/// (the data file and model given here do not exist, and no server listens).
+#[test]
+fn loss_mistakes_are_refused_before_anything_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let base = ["--model", "/nonexistent/model", "--data", "/nonexistent/prefs.jsonl"];
+    let refused = |extra: &[&str]| {
+        let o = train(&[&base[..], extra].concat(), &out);
+        assert!(!o.status.success(), "{extra:?} was accepted");
+        assert!(!out.exists(), "{extra:?}: nothing may be written for a failed start");
+        let e = stderr(&o);
+        assert!(!e.contains("/nonexistent/"), "{extra:?}: checked too late:\n{e}");
+        e
+    };
+    // An unknown loss: named, with the valid ones listed.
+    let e = refused(&["--loss", "dpo"]);
+    assert!(
+        e.contains("--loss") && e.contains("`dpo`") && e.contains("sigmoid, robust, ipo"),
+        "{e}"
+    );
+    let e = refused(&["--loss", "sigmoid:1,sfft:0.5"]);
+    assert!(e.contains("`sfft`"), "{e}");
+    // A parameter the chosen loss does not take.
+    let e = refused(&["--loss", "ipo", "--label-smoothing", "0.1"]);
+    assert!(e.contains("--label-smoothing") && e.contains("ipo"), "{e}");
+    let e = refused(&["--gamma-beta-ratio", "0.5"]);
+    assert!(e.contains("--gamma-beta-ratio") && e.contains("simpo"), "{e}");
+    let e = refused(&["--loss", "sigmoid", "--discopop-tau", "0.05"]);
+    assert!(e.contains("--discopop-tau"), "{e}");
+    // A loss that needs a reference, without one.
+    let e = refused(&["--loss", "ipo", "--ref-server", "none"]);
+    assert!(e.contains("--loss ipo needs a reference") && e.contains("--ref-server"), "{e}");
+    let e = refused(&[
+        "--loss",
+        "simpo",
+        "--sft-weight",
+        "0.5",
+        "--loss",
+        "sigmoid",
+        "--ref-server",
+        "none",
+    ]);
+    assert!(e.contains("needs a reference"), "{e}");
+}

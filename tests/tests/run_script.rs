@@ -1,7 +1,8 @@
 //! `deploy/run.sh` itself, as a user runs it (with a tiny model and the binaries this test
 //! build made, via `DPO_BIN_DIR`): a short run leaves its outputs and no process behind; a
-//! failing trainer's exit status is the script's, again with nothing left running; a script
-//! killed mid-run (even twice) takes its server and trainer with it.
+//! `--loss` reaches the trainer, and a reference-free one starts no server; a failing
+//! trainer's exit status is the script's, again with nothing left running; a script killed
+//! mid-run (even twice) takes its server and trainer with it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -73,6 +74,32 @@ fn a_short_run_leaves_its_outputs_and_no_processes() {
     assert!(out_dir.join(CHART_FILE).is_file());
     let records = read_jsonl(&out_dir.join(METRICS_FILE));
     assert_eq!(records.iter().filter(|r| r["kind"] == "train").count(), 2);
+    assert_eq!(processes_mentioning(dir.path()), Vec::<String>::new());
+}
+
+/// `--loss` goes on to the trainer; a reference-free loss (simpo) starts no server at all.
+#[test]
+fn a_loss_is_passed_on_and_a_reference_free_one_starts_no_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    for (loss, starts_server) in [("ipo", true), ("simpo", false)] {
+        let out_dir = dir.path().join(loss);
+        let out =
+            run_sh(&model, &out_dir, &["--loss", loss, "--max-steps", "1", "--eval-every", "1"])
+                .output()
+                .unwrap();
+        assert!(out.status.success(), "--loss {loss}: {}", show(&out));
+        assert_eq!(
+            out_dir.join("ref-server.stdout").is_file(),
+            starts_server,
+            "--loss {loss}: {}",
+            show(&out)
+        );
+        let records = read_jsonl(&out_dir.join(METRICS_FILE));
+        let train: Vec<_> = records.iter().filter(|r| r["kind"] == "train").collect();
+        assert_eq!(train.len(), 1);
+        assert_eq!(train[0]["loss_type"], loss);
+    }
     assert_eq!(processes_mentioning(dir.path()), Vec::<String>::new());
 }
 
