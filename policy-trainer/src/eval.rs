@@ -36,14 +36,16 @@ pub fn evaluate(
     };
     let mut totals = LossStats::default();
     for pairs in val.chunks(chunk.max(1)) {
-        let scored = policy_logprobs(policy, pairs, prefix.as_ref())?;
+        let (scored, logits) = policy_logprobs(policy, pairs, prefix.as_ref())?;
         let refs = scorer.map(|s| s.scores(pairs)).transpose()?;
         let mut inputs = loss_inputs(pairs, refs.as_deref());
         for (p, (chosen, rejected)) in inputs.iter_mut().zip(scored) {
             (p.policy_chosen, p.policy_rejected) = (chosen, rejected);
         }
         let out = batch_loss(loss, &inputs)?;
-        totals.merge(&LossStats::of(loss, &inputs, &out)?);
+        let mut chunk_stats = LossStats::of(loss, &inputs, &out)?;
+        chunk_stats.logits = logits;
+        totals.merge(&chunk_stats);
     }
     Ok(EvalResult {
         loss: totals.mean_loss(),
@@ -57,6 +59,8 @@ pub fn evaluate(
         pairs: totals.count,
         chosen_logp: totals.mean_chosen_logp(),
         rejected_logp: totals.mean_rejected_logp(),
+        chosen_logits: totals.logits.chosen(),
+        rejected_logits: totals.logits.rejected(),
     })
 }
 

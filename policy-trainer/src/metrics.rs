@@ -74,6 +74,13 @@ pub struct TrainRecord {
     /// TRL: mean policy log-prob of the rejected responses.
     #[serde(rename = "logps/rejected", default = "nan", deserialize_with = "f64_or_nan")]
     pub logps_rejected: f64,
+    /// TRL: the mean over the chosen responses' tokens of the policy's vocabulary-mean
+    /// logit at each (`stats::MeanLogits`).
+    #[serde(rename = "logits/chosen", default = "nan", deserialize_with = "f64_or_nan")]
+    pub logits_chosen: f64,
+    /// TRL: the same over the rejected responses' tokens.
+    #[serde(rename = "logits/rejected", default = "nan", deserialize_with = "f64_or_nan")]
+    pub logits_rejected: f64,
     /// TRL: `lr`.
     #[serde(default = "nan", deserialize_with = "f64_or_nan")]
     pub learning_rate: f64,
@@ -120,6 +127,11 @@ pub struct EvalResult {
     pub chosen_logp: f64,
     #[serde(default = "nan", deserialize_with = "f64_or_nan")]
     pub rejected_logp: f64,
+    /// TRL's `logits/chosen` and `logits/rejected` (`stats::MeanLogits`).
+    #[serde(default = "nan", deserialize_with = "f64_or_nan")]
+    pub chosen_logits: f64,
+    #[serde(default = "nan", deserialize_with = "f64_or_nan")]
+    pub rejected_logits: f64,
 }
 
 /// One validation pass after `step` optimizer steps: its [`EvalResult`], where in the run it
@@ -151,6 +163,10 @@ pub struct EvalRecord {
     pub eval_logps_chosen: f64,
     #[serde(rename = "eval_logps/rejected", default = "nan", deserialize_with = "f64_or_nan")]
     pub eval_logps_rejected: f64,
+    #[serde(rename = "eval_logits/chosen", default = "nan", deserialize_with = "f64_or_nan")]
+    pub eval_logits_chosen: f64,
+    #[serde(rename = "eval_logits/rejected", default = "nan", deserialize_with = "f64_or_nan")]
+    pub eval_logits_rejected: f64,
 }
 
 impl EvalRecord {
@@ -175,6 +191,8 @@ impl EvalRecord {
             eval_rewards_margins: result.margin,
             eval_logps_chosen: result.chosen_logp,
             eval_logps_rejected: result.rejected_logp,
+            eval_logits_chosen: result.chosen_logits,
+            eval_logits_rejected: result.rejected_logits,
         }
     }
 }
@@ -428,6 +446,8 @@ mod tests {
             rewards_margins: 0.01 * step as f64,
             logps_chosen: -40.0,
             logps_rejected: -45.0,
+            logits_chosen: 4.4,
+            logits_rejected: 4.2,
             learning_rate: 1e-6,
             num_tokens: step as u64 * 9000,
         }
@@ -446,6 +466,8 @@ mod tests {
             pairs: 200,
             chosen_logp: -40.5,
             rejected_logp: -44.0,
+            chosen_logits: 4.4,
+            rejected_logits: 4.2,
         }
     }
 
@@ -489,11 +511,13 @@ mod tests {
                 r#"{"kind":"eval","step":2,"examples_seen":128,"loss":0.6,"loss_min":0.1,"#,
                 r#""loss_max":1.2,"reward_accuracy":0.55,"logp_accuracy":0.45,"#,
                 r#""chosen_reward":0.02,"rejected_reward":-0.01,"margin":0.03,"pairs":200,"#,
-                r#""chosen_logp":-40.5,"rejected_logp":-44.0,"seconds":12.0,"#,
+                r#""chosen_logp":-40.5,"rejected_logp":-44.0,"chosen_logits":4.4,"#,
+                r#""rejected_logits":4.2,"seconds":12.0,"#,
                 r#""loss_type":"sigmoid","eval_loss":0.6,"eval_rewards/chosen":0.02,"#,
                 r#""eval_rewards/rejected":-0.01,"eval_rewards/accuracies":0.55,"#,
                 r#""eval_rewards/margins":0.03,"eval_logps/chosen":-40.5,"#,
-                r#""eval_logps/rejected":-44.0}"#,
+                r#""eval_logps/rejected":-44.0,"eval_logits/chosen":4.4,"#,
+                r#""eval_logits/rejected":4.2}"#,
                 "\n"
             )
         );

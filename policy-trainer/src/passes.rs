@@ -6,12 +6,15 @@
 
 use anyhow::Result;
 use dpo_common::data::EncodedPair;
-use dpo_common::logprob::{prefixed_logprobs, shared_prompt_logprobs, SharedPrompt};
+use dpo_common::logprob::{
+    prefixed_logprobs_and_logits, shared_prompt_logprobs_and_logits, SharedPrompt,
+};
 use dpo_common::model::{Llama, PrefixKv};
 use dpo_common::prefix::usable_prefix_len;
 
 use crate::loss::PairLogps;
 use crate::ref_cache::RefScores;
+use crate::stats::MeanLogits;
 
 /// Smallest fraction of real (not padding) tokens in a forward pass: on a CPU a padded
 /// position costs as much as a real one. A looser fill (0.5) packs more rows per pass but
@@ -93,27 +96,30 @@ pub fn loss_inputs(pairs: &[EncodedPair], refs: Option<&[RefScores]>) -> Vec<Pai
 }
 
 /// Policy log-probs of pairs, without gradients (validation, or the scoring pass of a loss
-/// that couples a micro-batch): (chosen, rejected) per pair, summed over each response.
+/// that couples a micro-batch): (chosen, rejected) per pair, summed over each response, and
+/// the means of the policy's logits over the responses ([`MeanLogits`], for the metrics).
 /// With `prefix` (which every pair's prompt must extend), its tokens are not recomputed.
 pub fn policy_logprobs(
     policy: &Llama,
     pairs: &[EncodedPair],
     prefix: Option<&PrefixKv>,
-) -> Result<Vec<(f64, f64)>> {
+) -> Result<(Vec<(f64, f64)>, MeanLogits)> {
     let (rows, passes) = row_passes(pairs);
     let mut out = vec![(0.0, 0.0); pairs.len()];
+    let mut logits = MeanLogits::default();
     for pass in &passes {
         let batch: Vec<SharedPrompt> = pass.iter().map(|&i| rows[i].clone()).collect();
         let lp = match prefix {
-            Some(prefix) => prefixed_logprobs(policy, &batch, prefix)?,
-            None => shared_prompt_logprobs(policy, &batch)?,
+            Some(prefix) => prefixed_logprobs_and_logits(policy, &batch, prefix)?,
+            None => shared_prompt_logprobs_and_logits(policy, &batch)?,
         };
         let sums = lp.sums.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
         for (&i, cr) in pass.iter().zip(sums.chunks_exact(2)) {
             out[i] = (cr[0] as f64, cr[1] as f64);
         }
+        logits.add(&MeanLogits::of_pairs(&lp)?);
     }
-    Ok(out)
+    Ok((out, logits))
 }
 
 #[cfg(test)]
@@ -160,13 +166,24 @@ mod tests {
         assert_eq!(common_prefix(&pairs, 0), None);
         let prefix_ids = common_prefix(&pairs, 2).unwrap();
         let kv = policy.prefix_kv(&prefix_ids).unwrap();
+        // The logits' means, each pair alone in its own pass: packing and the prefix must
+        // not change them.
+        let mut alone = MeanLogits::default();
+        for p in &pairs {
+            let row = shared_row(p);
+            let lp = shared_prompt_logprobs_and_logits(&policy, &[row]).unwrap();
+            alone.add(&MeanLogits::of_pairs(&lp).unwrap());
+        }
+        assert!(alone.chosen().is_finite() && alone.rejected().is_finite());
         for prefix in [None, Some(&kv)] {
-            let scored = policy_logprobs(&policy, &pairs, prefix).unwrap();
+            let (scored, logits) = policy_logprobs(&policy, &pairs, prefix).unwrap();
             for (p, (c, r)) in pairs.iter().zip(scored) {
                 let one = |s| response_logprobs(&policy, &[s]).unwrap().sums_vec().unwrap()[0];
                 assert!((c - one(p.chosen_sequence())).abs() < 1e-4);
                 assert!((r - one(p.rejected_sequence())).abs() < 1e-4);
             }
+            assert!((logits.chosen() - alone.chosen()).abs() < 1e-5, "{logits:?} {alone:?}");
+            assert!((logits.rejected() - alone.rejected()).abs() < 1e-5, "{logits:?} {alone:?}");
         }
         // Gradients: the shared rows, passes and hand-written backward of a micro-batch give
         // autograd's gradient of Σ (chosen - rejected) over separate sequences, with the

@@ -313,6 +313,8 @@ mod tests {
                 pairs: 200,
                 chosen_logp: -40.0,
                 rejected_logp: -42.0,
+                chosen_logits: 4.4,
+                rejected_logits: 4.2,
             };
             EvalRecord::new(s, s * 64, result, 10.0, "sigmoid".into())
         };
@@ -345,6 +347,8 @@ mod tests {
             rewards_margins: 0.05,
             logps_chosen: -40.0,
             logps_rejected: -42.0,
+            logits_chosen: 4.4,
+            logits_rejected: 4.2,
             learning_rate: 1e-6,
             num_tokens: step as u64 * 9000,
         }
@@ -421,6 +425,8 @@ mod tests {
             pairs: 0,
             chosen_logp: f64::NAN,
             rejected_logp: f64::NAN,
+            chosen_logits: f64::NAN,
+            rejected_logits: f64::NAN,
         };
         let mut nan_eval = EvalRecord::new(0, 0, nan_result, 0.0, "sigmoid".into());
         render(&[], std::slice::from_ref(&nan_eval), &png).unwrap();

@@ -6,6 +6,7 @@
 //! The loss and the rewards come from [`crate::loss::batch_loss`]; this module only counts.
 
 use anyhow::Result;
+use dpo_common::logprob::ResponseLogProbs;
 
 use crate::loss::{batch_loss, BatchLoss, LossSpec, PairLogps, PairRewards};
 use crate::ref_cache::RefScores;
@@ -72,6 +73,65 @@ pub struct LossStats {
     logp_correct: usize,
     chosen_logp_sum: f64,
     rejected_logp_sum: f64,
+    /// The policy's logits over the responses (TRL's `logits/chosen`, `logits/rejected`),
+    /// added by the caller from its forward passes ([`MeanLogits::of_pairs`]).
+    pub logits: MeanLogits,
+}
+
+/// TRL's `logits/chosen` and `logits/rejected`: at each position that predicts a response
+/// token, the mean of the policy's logits over the vocabulary, averaged over all the chosen
+/// (rejected) response tokens counted — token-weighted, as TRL averages a batch. (TRL then
+/// averages its per-micro-batch values when it logs; here a step's value is over the whole
+/// batch, which equals that when the micro-batches hold as many tokens.)
+#[derive(Default, Clone, Copy, Debug, PartialEq)]
+pub struct MeanLogits {
+    chosen_sum: f64,
+    chosen_tokens: usize,
+    rejected_sum: f64,
+    rejected_tokens: usize,
+}
+
+impl MeanLogits {
+    /// From a pass over pairs laid out as in the trainer's rows (each pair's chosen
+    /// response, then its rejected one). A pass that did not compute the logits' means
+    /// (the reference server's path) adds nothing.
+    pub fn of_pairs(logprobs: &ResponseLogProbs) -> Result<MeanLogits> {
+        let mut totals = MeanLogits::default();
+        if let Some(sums) = logprobs.mean_logit_sums_vec()? {
+            for (s, n) in sums.chunks_exact(2).zip(logprobs.counts.chunks_exact(2)) {
+                totals.chosen_sum += s[0];
+                totals.chosen_tokens += n[0];
+                totals.rejected_sum += s[1];
+                totals.rejected_tokens += n[1];
+            }
+        }
+        Ok(totals)
+    }
+
+    pub fn add(&mut self, other: &MeanLogits) {
+        self.chosen_sum += other.chosen_sum;
+        self.chosen_tokens += other.chosen_tokens;
+        self.rejected_sum += other.rejected_sum;
+        self.rejected_tokens += other.rejected_tokens;
+    }
+
+    /// NaN when no chosen token was counted.
+    pub fn chosen(&self) -> f64 {
+        ratio(self.chosen_sum, self.chosen_tokens)
+    }
+
+    /// NaN when no rejected token was counted.
+    pub fn rejected(&self) -> f64 {
+        ratio(self.rejected_sum, self.rejected_tokens)
+    }
+}
+
+fn ratio(sum: f64, count: usize) -> f64 {
+    if count == 0 {
+        f64::NAN
+    } else {
+        sum / count as f64
+    }
 }
 
 impl LossStats {
@@ -127,6 +187,7 @@ impl LossStats {
         self.logp_correct += other.logp_correct;
         self.chosen_logp_sum += other.chosen_logp_sum;
         self.rejected_logp_sum += other.rejected_logp_sum;
+        self.logits.add(&other.logits);
     }
 
     fn mean(&self, sum: f64) -> f64 {

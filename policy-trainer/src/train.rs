@@ -37,7 +37,7 @@ use crate::plot;
 use crate::progress::Progress;
 use crate::ref_cache::{RefCache, RefScores};
 use crate::ref_client::{ReferenceScorer, ScorerOptions};
-use crate::stats::LossStats;
+use crate::stats::{LossStats, MeanLogits};
 pub use crate::summary::{RunOutputs, RunSummary};
 
 /// Trains as the flags say and returns what to print.
@@ -215,6 +215,8 @@ impl Trainer {
             rewards_margins: stats.mean_margin(),
             logps_chosen: stats.mean_chosen_logp(),
             logps_rejected: stats.mean_rejected_logp(),
+            logits_chosen: stats.logits.chosen(),
+            logits_rejected: stats.logits.rejected(),
             learning_rate: self.args.lr,
             num_tokens: self.state.num_tokens,
         };
@@ -448,7 +450,8 @@ fn micro_batch_grads(
     let refs = (step.reference)(micro)?;
     let mut pairs = loss_inputs(micro, refs.as_deref());
     if let Some(view) = scoring {
-        let scored = policy_logprobs(view, micro, prefix.as_deref().map(PrefixPass::kv))?;
+        // The logits' means come from the training passes below.
+        let (scored, _) = policy_logprobs(view, micro, prefix.as_deref().map(PrefixPass::kv))?;
         for (p, (chosen, rejected)) in pairs.iter_mut().zip(scored) {
             (p.policy_chosen, p.policy_rejected) = (chosen, rejected);
         }
@@ -456,12 +459,14 @@ fn micro_batch_grads(
     // `batch_loss` is the mean over the micro-batch; the step's loss is the mean over the batch.
     let scale = micro.len() as f64 / divisor;
     let (rows, passes) = row_passes(micro);
+    let mut logits = MeanLogits::default();
     for pass in &passes {
         let batch: Vec<SharedPrompt> = pass.iter().map(|&i| rows[i].clone()).collect();
         let training = match prefix.as_deref() {
             Some(p) => backward::forward_shared_after(policy, &batch, p, args.grad_checkpointing)?,
             None => backward::forward_shared(policy, &batch, args.grad_checkpointing)?,
         };
+        logits.add(&MeanLogits::of_pairs(&training.logprobs)?);
         if scoring.is_none() {
             let sums = training.logprobs.sums.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             for (&i, cr) in pass.iter().zip(sums.chunks_exact(2)) {
@@ -482,7 +487,9 @@ fn micro_batch_grads(
         }
     }
     let out = batch_loss(step.loss, &pairs)?;
-    LossStats::of(step.loss, &pairs, &out)
+    let mut stats = LossStats::of(step.loss, &pairs, &out)?;
+    stats.logits = logits;
+    Ok(stats)
 }
 
 /// A pair's input tokens as TRL counts them: each response fed with its own copy of the prompt.
@@ -823,7 +830,7 @@ mod tests {
         // Reference scores a few nats off the policy's own, differently per pair, so that
         // margins (and AOT's sorted ones) are distinct.
         let frozen = policy.frozen_view().unwrap();
-        let own = policy_logprobs(&frozen, &batch, None).unwrap();
+        let (own, _) = policy_logprobs(&frozen, &batch, None).unwrap();
         let refs: Vec<RefScores> = own
             .iter()
             .enumerate()
