@@ -8,7 +8,7 @@ use candle_core::DType;
 use clap::{Args, ValueEnum};
 use dpo_common::template::Template;
 use dpo_proto::client::ClientOptions;
-use dpo_proto::token::load_token;
+use dpo_proto::connect::ConnectArgs;
 
 use crate::loss::{LossFlags, LossSpec};
 use crate::metrics::{EvalResult, ReportTo};
@@ -97,31 +97,36 @@ impl SelectMetric {
     }
 }
 
+// The reference server's connection flags are every client's (`dpo_proto::connect`),
+// spelled `--ref-server` and `--ref-timeout` here: `--ref-server` has no default value in
+// clap so that "not given" (the default URL) and `none` can be told apart, and the timeout
+// is the whole patience of a run with a server that is down, not one connection attempt.
 #[derive(Debug, Clone, Args)]
+#[command(
+    mut_arg("server", |a| a
+        .long("ref-server")
+        .default_value(None::<&str>)
+        .help(concat!(
+            "The reference server (http://HOST:PORT, or https:// with TLS) [default: ",
+            "http://127.0.0.1:50051]. `none` for a reference-free --loss (simpo, sft): no ",
+            "server, no reference cache. A reference-free loss never contacts a server; one ",
+            "given anyway is reported as unused"
+        ))),
+    mut_arg("connect_timeout", |a| a
+        .long("ref-timeout")
+        .default_value("300")
+        .help("Seconds the reference server may be unreachable or still loading before the \
+               run gives up")),
+)]
 pub struct TrainArgs {
     /// The starting model: a Hugging Face directory or a .gguf file. It must be the model
     /// the reference server holds (checked through the fingerprints).
     #[arg(long)]
     pub model: PathBuf,
 
-    /// The reference server (http://HOST:PORT, or https:// with TLS) [default:
-    /// http://127.0.0.1:50051]. `none` for a reference-free --loss (simpo, sft): no server,
-    /// no reference cache. A reference-free loss never contacts a server; one given anyway
-    /// is reported as unused.
-    #[arg(long)]
-    pub ref_server: Option<String>,
-
-    /// File holding the server's bearer token (or set DPO_AUTH_TOKEN).
-    #[arg(long)]
-    pub auth_token_file: Option<PathBuf>,
-
-    /// CA certificate (PEM) to verify an https:// reference server.
-    #[arg(long)]
-    pub tls_ca: Option<PathBuf>,
-
-    /// Server name to verify in its TLS certificate (default: the URL's host).
-    #[arg(long)]
-    pub tls_domain: Option<String>,
+    /// How to reach the reference server: `--ref-server`, `--ref-timeout`, TLS and token.
+    #[command(flatten)]
+    pub reference: ConnectArgs,
 
     /// Preference data as JSONL lines {"prompt","chosen","rejected"}.
     #[arg(long, conflicts_with = "hh_dir", required_unless_present = "hh_dir")]
@@ -254,10 +259,6 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 8)]
     pub ref_batch: usize,
 
-    /// Give up after the reference server has been unreachable this many seconds.
-    #[arg(long, default_value_t = 300)]
-    pub ref_timeout: u64,
-
     /// Persistent reference-score cache (default: OUT/ref_cache.jsonl).
     #[arg(long)]
     pub ref_cache: Option<PathBuf>,
@@ -325,27 +326,31 @@ impl TrainArgs {
 
     /// The reference server's URL; `None` for `--ref-server none`.
     pub fn ref_server_url(&self) -> Option<&str> {
-        match self.ref_server.as_deref() {
+        match self.reference.server.as_deref() {
             Some(NO_REFERENCE) => None,
             Some(url) => Some(url),
             None => Some(DEFAULT_REF_SERVER),
         }
     }
 
+    /// The `--ref-server` given on the command line, if any (`none` included).
+    pub fn ref_server_flag(&self) -> Option<&str> {
+        self.reference.server.as_deref()
+    }
+
     /// How to reach the reference server: its URL, bearer token and TLS settings.
     pub fn client_options(&self) -> anyhow::Result<ClientOptions> {
         let url = self.ref_server_url().context("--ref-server none: there is no server")?;
-        Ok(ClientOptions {
-            url: url.to_string(),
-            token: load_token(self.auth_token_file.as_deref())?,
-            ca_cert: self.tls_ca.clone(),
-            tls_domain: self.tls_domain.clone(),
-            ..ClientOptions::default()
-        })
+        let with_url = ConnectArgs { server: Some(url.to_string()), ..self.reference.clone() };
+        let mut options = with_url.options()?;
+        // `--ref-timeout` is the run's whole patience ([`TrainArgs::ref_timeout`]); one
+        // connection attempt keeps the clients' usual limit, so that retries keep coming.
+        options.connect_timeout = ClientOptions::default().connect_timeout.min(self.ref_timeout());
+        Ok(options)
     }
 
     pub fn ref_timeout(&self) -> Duration {
-        Duration::from_secs(self.ref_timeout)
+        Duration::from_secs(self.reference.connect_timeout)
     }
 
     pub fn ref_cache_path(&self) -> PathBuf {

@@ -526,7 +526,7 @@ fn announce_reference_free(args: &TrainArgs, loss: &LossSpec) {
         "--loss {loss} is reference-free: no reference server, no reference cache, and no \
          check that a server holds the starting model"
     );
-    if let Some(url) = args.ref_server.as_deref().filter(|url| *url != NO_REFERENCE) {
+    if let Some(url) = args.ref_server_flag().filter(|url| *url != NO_REFERENCE) {
         tracing::warn!("--ref-server {url} is not used: --loss {loss} reads no reference");
     }
 }
