@@ -65,9 +65,17 @@ fn draw(train: &[TrainRecord], eval: &[EvalRecord], path: &Path) -> Result<()> {
     root.fill(&WHITE).map_err(plot_err)?;
     let examples =
         train.iter().map(|r| r.examples_seen).chain(eval.iter().map(|r| r.examples_seen)).max();
+    // The loss in the title: `sigmoid` (the default, and older runs without a loss_type) is
+    // DPO itself.
+    let loss = train
+        .iter()
+        .map(|r| r.loss_type.as_str())
+        .chain(eval.iter().map(|r| r.loss_type.as_str()))
+        .find(|l| !l.is_empty() && *l != "sigmoid");
+    let what = loss.map_or("DPO training".to_string(), |l| format!("Preference training, {l}"));
     let title = match examples {
-        Some(n) => format!("DPO training — {n} examples seen"),
-        None => "DPO training — no steps yet".to_string(),
+        Some(n) => format!("{what} — {n} examples seen"),
+        None => format!("{what} — no steps yet"),
     };
     let root = root.titled(&title, ("sans-serif", 30)).map_err(plot_err)?;
     let (top, bottom) = root.split_vertically(HEIGHT / 2 - 20);

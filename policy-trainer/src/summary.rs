@@ -29,6 +29,8 @@ pub struct RunOutputs {
     pub last: Option<PathBuf>,
     pub metrics: Option<PathBuf>,
     pub chart: Option<PathBuf>,
+    /// The directory holding TensorBoard event files (`--report-to tensorboard`).
+    pub tensorboard: Option<PathBuf>,
 }
 
 impl RunOutputs {
@@ -40,8 +42,19 @@ impl RunOutputs {
             last: existing(checkpoint::last_dir(out)),
             metrics: existing(out.join(METRICS_FILE)),
             chart: existing(out.join(CHART_FILE)),
+            tensorboard: has_event_files(out).then(|| out.to_path_buf()),
         }
     }
+}
+
+/// Whether `dir` holds a TensorBoard event file (TensorFlow's naming, which the trainer's
+/// writer follows: `events.out.tfevents.<time>.<host>…`).
+fn has_event_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("events.out.tfevents."))
+    })
 }
 
 impl fmt::Display for RunSummary {
@@ -74,6 +87,9 @@ impl fmt::Display for RunSummary {
             if let Some(path) = path {
                 lines.push(format!("{label} {}", path.display()));
             }
+        }
+        if let Some(dir) = &outputs.tensorboard {
+            lines.push(format!("events:  {} (tensorboard --logdir {0})", dir.display()));
         }
         if let Some(peak) = dpo_common::memory::peak_rss_bytes() {
             lines.push(format!("peak memory (RSS): {:.2} GiB", peak as f64 / (1u64 << 30) as f64));
@@ -126,6 +142,13 @@ mod tests {
             )),
             "{text}"
         );
+        assert!(!text.contains("events:"), "no event file yet: {text}");
+
+        // With an event file (--report-to tensorboard), the directory to point TensorBoard at.
+        std::fs::write(out.join("events.out.tfevents.1764860000.host"), b"").unwrap();
+        let text = summary(out, None);
+        let dir = out.display();
+        assert!(text.contains(&format!("events:  {dir} (tensorboard --logdir {dir})")), "{text}");
 
         // Nothing written at all: no path is named.
         let empty = tempfile::tempdir().unwrap();
