@@ -181,11 +181,7 @@ impl ClientError {
         // infer (often UNKNOWN); a status the server sent has no source.
         match std::error::Error::source(&s) {
             Some(cause) => {
-                let mut message = s.message().to_string();
-                let chain = error_chain(cause);
-                if !message.contains(&chain) {
-                    message = format!("{message}: {chain}");
-                }
+                let message = with_causes(s.message().to_string(), Some(cause));
                 ClientError::Transport { url, code: s.code(), message }
             }
             None => ClientError::Status { url, code: s.code(), message: s.message().into() },
@@ -524,17 +520,20 @@ fn item_responses(item: &v1::ScoreItem) -> usize {
 
 /// A transport error's message with its causes ("transport error: connection refused").
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
+    with_causes(e.to_string(), e.source())
+}
+
+/// `message`, then each cause from `cause` on that it does not say already.
+fn with_causes(mut message: String, mut cause: Option<&dyn std::error::Error>) -> String {
+    while let Some(c) = cause {
         let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
+        if !message.contains(&m) {
+            message.push_str(": ");
+            message.push_str(&m);
         }
-        src = c.source();
+        cause = c.source();
     }
-    s
+    message
 }
 
 #[cfg(test)]
