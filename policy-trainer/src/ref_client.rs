@@ -1,7 +1,9 @@
 //! The trainer's side of the reference server: scores are requested ahead of the policy
-//! (a bounded window of upcoming pairs in flight), kept in the [`RefCache`], and retried
-//! with backoff while the server is unreachable — for at most `--ref-timeout`, after
-//! which the trainer fails with an error naming the server.
+//! (a bounded window of upcoming pairs in flight), kept in the [`RefCache`]. A request
+//! that fails for any reason but the server's verdict (the server down, restarting or
+//! still loading, the connection lost) is retried with backoff for at most
+//! `--ref-timeout` ([`RefClient::retrying`]), after which the trainer fails with an error
+//! naming the server; a server that comes back with another model ends the run at once.
 //!
 //! The training loop is synchronous (candle compute on the calling thread); the gRPC
 //! traffic runs on a small tokio runtime owned by [`ReferenceScorer`]. The two meet in a
@@ -9,11 +11,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use dpo_common::data::EncodedPair;
-use dpo_proto::client::{ClientOptions, ModelInfo, RefClient, TokenPair};
+use dpo_proto::client::{ClientError, ClientOptions, ModelInfo, RefClient, TokenPair};
 
 use crate::ref_cache::{PairKey, RefCache, RefScores};
 
@@ -59,50 +61,16 @@ pub struct ScorerStats {
     pub retries: usize,
 }
 
-/// Retries `op` while it fails with a retryable error, for at most `timeout` counted from
-/// the first failure; backoff doubles from 250 ms to 10 s.
-async fn with_retry<T, F, Fut>(
-    what: &str,
-    url: &str,
-    timeout: Duration,
-    retries: &Mutex<ScorerStats>,
-    mut op: F,
-) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::result::Result<T, dpo_proto::client::ClientError>>,
-{
-    let mut first_failure: Option<Instant> = None;
-    let mut backoff = Duration::from_millis(250);
-    loop {
-        match op().await {
-            Ok(v) => {
-                if let Some(t) = first_failure {
-                    tracing::info!(
-                        "reference server {url} is back after {:.1}s",
-                        t.elapsed().as_secs_f64()
-                    );
-                }
-                return Ok(v);
-            }
-            Err(e) if e.is_retryable() => {
-                let since = *first_failure.get_or_insert_with(Instant::now);
-                if since.elapsed() >= timeout {
-                    bail!(
-                        "{what}: the reference server {url} has been unreachable for {:.0}s \
-                         (--ref-timeout {}s); last error: {e}. Is `ref-server serve` running \
-                         there (or use deploy/run.sh, which starts one)?",
-                        since.elapsed().as_secs_f64(),
-                        timeout.as_secs()
-                    );
-                }
-                tracing::warn!("{what}: {e}; retrying in {:.1}s", backoff.as_secs_f64());
-                retries.lock().expect("stats lock").retries += 1;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-            Err(e) => return Err(anyhow!("{what}: {e}")),
-        }
+/// `what` failed for good: a server verdict or a changed model as it is, and a server
+/// unreachable for the whole `--ref-timeout` with a hint on how to start one.
+fn scoring_error(what: &str, timeout: Duration, e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::NotServing { .. } => anyhow!(
+            "{what}: {e} (--ref-timeout {}s). Is `ref-server serve` running there (or use \
+             deploy/run.sh, which starts one)?",
+            timeout.as_secs()
+        ),
+        e => anyhow!("{what}: {e}"),
     }
 }
 
@@ -117,17 +85,18 @@ impl ReferenceScorer {
             .build()
             .context("cannot start the reference client's runtime")?;
         let stats = Arc::new(Mutex::new(ScorerStats::default()));
-        let url = options.client.url.clone();
         let (client, info) = runtime.block_on(async {
             // Waits for a server that is not up yet or still loading, up to the timeout.
             let client = RefClient::wait_until_serving(&options.client, options.timeout)
                 .await
-                .map_err(|e| anyhow!("connecting: {e}"))?;
-            let info = with_retry("asking for ModelInfo", &url, options.timeout, &stats, || {
-                let c = client.clone();
-                async move { c.model_info().await }
-            })
-            .await?;
+                .map_err(|e| scoring_error("connecting", options.timeout, e))?
+                .with_patience(options.timeout);
+            // Pins the fingerprint that a server coming back after a failure must report.
+            let what = "asking for ModelInfo";
+            let info = client
+                .retrying(what, |c| async move { c.model_info().await })
+                .await
+                .map_err(|e| scoring_error(what, options.timeout, e))?;
             anyhow::Ok((client, info))
         })?;
         let requests = Arc::new(tokio::sync::Semaphore::new(options.max_requests_in_flight.max(1)));
@@ -150,7 +119,8 @@ impl ReferenceScorer {
     }
 
     pub fn stats(&self) -> ScorerStats {
-        *self.stats.lock().expect("stats lock")
+        let retries = self.client.retries() as usize;
+        ScorerStats { retries, ..*self.stats.lock().expect("stats lock") }
     }
 
     pub fn cached(&self) -> usize {
@@ -197,7 +167,6 @@ impl ReferenceScorer {
         let requests = Arc::clone(&self.requests);
         let stats = Arc::clone(&self.stats);
         let timeout = self.options.timeout;
-        let url = self.options.client.url.clone();
         self.runtime.spawn(async move {
             let Ok(_permit) = requests.acquire_owned().await else { return };
             {
@@ -207,22 +176,23 @@ impl ReferenceScorer {
             }
             let (keys, pairs): (Vec<PairKey>, Vec<TokenPair>) = chunk.into_iter().unzip();
             let what = format!("scoring {} pairs", pairs.len());
-            let result = with_retry(&what, &url, timeout, &stats, || {
-                let c = client.clone();
-                let p = pairs.clone();
-                async move { c.score_pairs(&p).await }
-            })
-            .await
-            .and_then(|scores| {
-                if scores.len() != keys.len() {
-                    bail!(
-                        "the reference server returned {} scores for {} pairs",
-                        scores.len(),
-                        keys.len()
-                    );
-                }
-                Ok(scores)
-            });
+            let result = client
+                .retrying(&what, |c| {
+                    let p = pairs.clone();
+                    async move { c.score_pairs(&p).await }
+                })
+                .await
+                .map_err(|e| scoring_error(&what, timeout, e))
+                .and_then(|scores| {
+                    if scores.len() != keys.len() {
+                        bail!(
+                            "the reference server returned {} scores for {} pairs",
+                            scores.len(),
+                            keys.len()
+                        );
+                    }
+                    Ok(scores)
+                });
             let (lock, ready) = &*shared;
             let mut shared = lock.lock().expect("scorer lock");
             match result {

@@ -223,6 +223,7 @@ impl Trainer {
         self.metrics.log_train(&record)?;
         self.progress.step(&record);
         crash_if_asked(self.state.step);
+        pause_if_asked(self.state.step);
         Ok(record)
     }
 
@@ -773,6 +774,20 @@ fn crash_if_asked(step: usize) {
     if std::env::var("DPO_TEST_CRASH_AFTER_STEP").ok().and_then(|v| v.parse().ok()) == Some(step) {
         eprintln!("DPO_TEST_CRASH_AFTER_STEP={step}: aborting");
         std::process::abort();
+    }
+}
+
+/// A pause for the reference-restart tests: `DPO_TEST_PAUSE_AFTER_STEP=N:MILLIS` sleeps
+/// that long right after step N is logged, so that a test can stop the reference server
+/// while the run is known to be still going (a tiny model's run is over in a blink).
+fn pause_if_asked(step: usize) {
+    let Ok(v) = std::env::var("DPO_TEST_PAUSE_AFTER_STEP") else { return };
+    if let Some((at, millis)) = v.split_once(':') {
+        if at.parse() == Ok(step) {
+            if let Ok(millis) = millis.parse() {
+                std::thread::sleep(std::time::Duration::from_millis(millis));
+            }
+        }
     }
 }
 

@@ -6,6 +6,8 @@
 //! ([`RefClient::score_pairs`]).
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataValue;
@@ -95,14 +97,28 @@ pub enum ClientError {
     #[error("cannot reach reference server at {url}: {message}")]
     Connect { url: String, message: String },
 
+    /// The server's verdict on the request.
     #[error("reference server at {url} refused the request: {}: {message}", code_name(*code))]
     Status { url: String, code: Code, message: String },
+
+    /// The call failed on the way (connection refused or reset, h2 GOAWAY, ...): a status
+    /// the client made itself from a transport error, not one the server sent.
+    #[error("lost the connection to reference server at {url}: {}: {message}", code_name(*code))]
+    Transport { url: String, code: Code, message: String },
+
+    /// The server came back after a failure with another model than it had at connect.
+    #[error(
+        "reference server at {url} now serves another model: fingerprint {found}, but it \
+         served {expected} when the client connected; refusing to mix the two models' scores"
+    )]
+    ModelChanged { url: String, expected: String, found: String },
 
     #[error("reference server at {url} sent an unexpected reply: {message}")]
     Protocol { url: String, message: String },
 
-    /// [`RefClient::wait_until_serving`] ran out of time; `last` is why the last attempt
-    /// was not ready (connection refused, still loading, ...).
+    /// [`RefClient::wait_until_serving`] or a retried call ([`RefClient::retrying`]) ran
+    /// out of time; `last` is why the last attempt failed (connection refused, still
+    /// loading, ...).
     /// `answered`: whether the server answered at all on the last attempt (it was up but
     /// not SERVING) or stayed unreachable.
     #[error(
@@ -114,15 +130,25 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Whether the same call may succeed later (server down, overloaded or slow), as
-    /// opposed to a request or configuration the server will refuse again.
+    /// Whether the same call may succeed later: every failure that is not the server's
+    /// verdict on the request (the server down, restarting, still loading, overloaded or
+    /// slow; the connection lost on the way). A request or configuration the server
+    /// refuses (INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION,
+    /// ...), a bad URL or token, or a changed model will fail again and is not retried.
+    /// The one classification every client's retries use.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Connect { .. } | ClientError::NotServing { .. } => true,
-            ClientError::Status { code, .. } => {
-                matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted)
-            }
-            _ => false,
+            ClientError::Connect { .. }
+            | ClientError::NotServing { .. }
+            | ClientError::Transport { .. } => true,
+            ClientError::Status { code, .. } => retryable_code(*code),
+            ClientError::BadUrl { .. }
+            | ClientError::CaCert { .. }
+            | ClientError::BadToken(_)
+            | ClientError::Token(_)
+            | ClientError::NoServer
+            | ClientError::Protocol { .. }
+            | ClientError::ModelChanged { .. } => false,
         }
     }
 
@@ -135,21 +161,42 @@ impl ClientError {
     }
 
     /// The message without the server's URL, for an error that names the server itself.
-    fn reason(&self) -> String {
+    pub(crate) fn reason(&self) -> String {
         match self {
             ClientError::Connect { message, .. } | ClientError::Protocol { message, .. } => {
                 message.clone()
             }
-            ClientError::Status { code, message, .. } => format!("{}: {message}", code_name(*code)),
+            ClientError::Status { code, message, .. }
+            | ClientError::Transport { code, message, .. } => {
+                format!("{}: {message}", code_name(*code))
+            }
             other => other.to_string(),
         }
     }
 
     fn from_status(url: &str, s: Status) -> Self {
-        // A failed (re)connection inside the channel surfaces as UNAVAILABLE with a
-        // transport message; keep it a status so the code stays visible.
-        ClientError::Status { url: url.to_string(), code: s.code(), message: s.message().into() }
+        let url = url.to_string();
+        // tonic attaches the underlying error (hyper, h2, io) as the source of a status it
+        // makes on the client when the call fails on the way, with whatever code it could
+        // infer (often UNKNOWN); a status the server sent has no source.
+        match std::error::Error::source(&s) {
+            Some(cause) => {
+                let message = with_causes(s.message().to_string(), Some(cause));
+                ClientError::Transport { url, code: s.code(), message }
+            }
+            None => ClientError::Status { url, code: s.code(), message: s.message().into() },
+        }
     }
+}
+
+/// Codes a server sends when the same request may succeed later: it is unavailable
+/// (stopping, still loading, behind a proxy whose upstream is down), overloaded, too slow
+/// for the deadline, or aborted the call. Everything else is its verdict on the request.
+fn retryable_code(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted
+    )
 }
 
 /// Adds the bearer token to every request.
@@ -176,12 +223,20 @@ const MAX_PAUSE: Duration = Duration::from_secs(1);
 /// The least time one attempt gets, however close the deadline.
 const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 
-/// A connection to one reference server. Cheap to clone; clones share the connection.
+/// A connection to one reference server. Cheap to clone; clones share the connection, the
+/// model fingerprint it pinned and its retry count.
 #[derive(Clone)]
 pub struct RefClient {
-    url: String,
+    pub(crate) url: String,
     inner: Inner,
     health: HealthClient<Channel>,
+    /// How long [`RefClient::retrying`] keeps retrying a failing call.
+    pub(crate) patience: Duration,
+    /// The model fingerprint of the first `ModelInfo` answer; a server that comes back
+    /// after a failure must still report it.
+    pub(crate) pinned_model: Arc<OnceLock<String>>,
+    /// Attempts [`RefClient::retrying`] has repeated, over all clones.
+    pub(crate) retries: Arc<AtomicU64>,
 }
 
 impl RefClient {
@@ -236,7 +291,14 @@ impl RefClient {
             .max_decoding_message_size(opts.max_message_bytes)
             .max_encoding_message_size(opts.max_message_bytes);
         let health = HealthClient::new(channel);
-        Ok(RefClient { url, inner, health })
+        Ok(RefClient {
+            url,
+            inner,
+            health,
+            patience: opts.connect_timeout,
+            pinned_model: Arc::default(),
+            retries: Arc::default(),
+        })
     }
 
     /// [`connect`](Self::connect), then waits until the server reports SERVING: a server
@@ -320,12 +382,17 @@ impl RefClient {
         &self.url
     }
 
+    /// The server's model and limits. The first answer pins the model fingerprint that a
+    /// server coming back after a failure must still report ([`RefClient::retrying`]).
     pub async fn model_info(&self) -> Result<ModelInfo, ClientError> {
         let mut c = self.inner.clone();
-        c.model_info(v1::ModelInfoRequest {})
+        let info = c
+            .model_info(v1::ModelInfoRequest {})
             .await
             .map(|r| r.into_inner())
-            .map_err(|s| ClientError::from_status(&self.url, s))
+            .map_err(|s| ClientError::from_status(&self.url, s))?;
+        self.pinned_model.get_or_init(|| info.fingerprint.clone());
+        Ok(info)
     }
 
     /// Scores any request; the response has one item per request item, checked here.
@@ -453,21 +520,24 @@ fn item_responses(item: &v1::ScoreItem) -> usize {
 
 /// A transport error's message with its causes ("transport error: connection refused").
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
+    with_causes(e.to_string(), e.source())
+}
+
+/// `message`, then each cause from `cause` on that it does not say already.
+fn with_causes(mut message: String, mut cause: Option<&dyn std::error::Error>) -> String {
+    while let Some(c) = cause {
         let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
+        if !message.contains(&m) {
+            message.push_str(": ");
+            message.push_str(&m);
         }
-        src = c.source();
+        cause = c.source();
     }
-    s
+    message
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -486,6 +556,62 @@ mod tests {
         assert!(s.contains("refused the request: INVALID_ARGUMENT: m"), "{s}");
     }
 
+    /// Which failures every client retries: all that are not the server's verdict.
+    #[test]
+    fn only_the_servers_verdicts_are_final() {
+        let st = |code| ClientError::Status { url: "u".into(), code, message: "m".into() };
+        for code in
+            [Code::Unavailable, Code::DeadlineExceeded, Code::ResourceExhausted, Code::Aborted]
+        {
+            assert!(st(code).is_retryable(), "{code:?}");
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+            Code::FailedPrecondition,
+            Code::NotFound,
+            Code::OutOfRange,
+            Code::Unimplemented,
+            Code::Internal,
+            Code::Unknown,
+            Code::DataLoss,
+        ] {
+            assert!(!st(code).is_retryable(), "{code:?}");
+        }
+        // A status tonic made on the client from a dead connection, whatever its code.
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
+        let dead = ClientError::from_status("http://h:1", Status::from_error(Box::new(reset)));
+        assert!(matches!(dead, ClientError::Transport { code: Code::Unknown, .. }), "{dead}");
+        assert!(dead.is_retryable() && dead.code().is_none());
+        assert!(dead.to_string().contains("connection reset"), "{dead}");
+        // The same code sent by the server is its verdict.
+        let sent = ClientError::from_status("http://h:1", Status::unknown("transport error"));
+        assert!(!sent.is_retryable(), "{sent}");
+        assert!(ClientError::NotServing {
+            url: "u".into(),
+            waited: Duration::ZERO,
+            answered: true,
+            last: "loading".into()
+        }
+        .is_retryable());
+        let changed = ClientError::ModelChanged {
+            url: "http://h:1".into(),
+            expected: "aaa".into(),
+            found: "bbb".into(),
+        };
+        assert!(!changed.is_retryable());
+        let msg = changed.to_string();
+        assert!(msg.contains("aaa") && msg.contains("bbb") && msg.contains("http://h:1"), "{msg}");
+        for e in [
+            ClientError::BadToken("x".into()),
+            ClientError::NoServer,
+            ClientError::Protocol { url: "u".into(), message: "m".into() },
+        ] {
+            assert!(!e.is_retryable(), "{e}");
+        }
+    }
+
     #[tokio::test]
     async fn unreachable_server_is_a_retryable_connect_error() {
         // Port 1 on loopback: nothing listens there.
@@ -501,7 +627,7 @@ mod tests {
 
     /// A stand-in server with only the health service, NOT_SERVING (loading) until
     /// `serving_after`, on `listener`; stops when the returned sender is dropped.
-    fn health_server(
+    pub(crate) fn health_server(
         listener: tokio::net::TcpListener,
         serving_after: Duration,
     ) -> tokio::sync::oneshot::Sender<()> {
@@ -527,7 +653,7 @@ mod tests {
         stop
     }
 
-    fn options(addr: std::net::SocketAddr, timeout: Duration) -> ClientOptions {
+    pub(crate) fn options(addr: std::net::SocketAddr, timeout: Duration) -> ClientOptions {
         ClientOptions {
             url: format!("http://{addr}"),
             connect_timeout: timeout,

@@ -1,6 +1,7 @@
 //! The `dpo.v1` gRPC API shared by `ref-server` (which serves it) and every client
 //! (`policy-trainer`, `ref-server score --server`, `dpo-eval --server`): the client
-//! ([`client`]), the connection flags they all take ([`connect`]) and the bearer-token loader
+//! ([`client`], with the retries that carry every call through a server restart, in
+//! `retry`), the connection flags they all take ([`connect`]) and the bearer-token loader
 //! ([`token`]). Source of truth: `proto/dpo/v1/*.proto`.
 
 pub mod v1 {
@@ -12,4 +13,5 @@ pub mod v1 {
 
 pub mod client;
 pub mod connect;
+mod retry;
 pub mod token;

@@ -141,7 +141,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Score(a) => {
             // clap lets exactly one of --server and --model through.
             let scorer = match &a.model {
-                None => Scorer::Remote(Box::new(a.connect.connect().await?)),
+                None => Scorer::remote(a.connect.connect().await?).await?,
                 Some(model) => {
                     let (model, device, dtype) = (model.clone(), a.device.clone(), a.dtype.clone());
                     let engine = tokio::task::spawn_blocking(move || {

@@ -17,14 +17,30 @@ use crate::engine::Engine;
 
 /// Where scores come from.
 pub enum Scorer {
+    /// A server; each request is retried through a restart of it, up to the client's
+    /// patience (`--connect-timeout`).
     Remote(Box<RefClient>),
     Local(Arc<Engine>),
 }
 
 impl Scorer {
+    /// Scores from the server `client` is connected to; pins its model, which a server
+    /// coming back after a failure must still hold.
+    pub async fn remote(client: RefClient) -> Result<Scorer> {
+        client.model_info().await?;
+        Ok(Scorer::Remote(Box::new(client)))
+    }
+
     async fn score(&self, req: v1::ScoreRequest) -> Result<v1::ScoreResponse> {
         match self {
-            Scorer::Remote(c) => Ok(c.score(req).await?),
+            Scorer::Remote(c) => {
+                let what = format!("scoring {} lines", req.items.len());
+                Ok(c.retrying(&what, |c| {
+                    let req = req.clone();
+                    async move { c.score(req).await }
+                })
+                .await?)
+            }
             Scorer::Local(e) => Ok(e.score(req).await?),
         }
     }

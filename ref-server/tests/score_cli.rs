@@ -1,5 +1,5 @@
-//! `ref-server score` on a small JSONL, both line forms, against a server and locally, and
-//! against a server that is still loading its model.
+//! `ref-server score` on a small JSONL, both line forms, against a server and locally,
+//! against a server that is still loading its model, and through a restart of the server.
 
 mod common;
 
@@ -116,4 +116,62 @@ fn score_waits_for_a_server_that_is_still_loading() {
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert!(stderr.contains("http://127.0.0.1:1") && stderr.contains("unreachable"), "{stderr}");
     assert!(t.elapsed() < std::time::Duration::from_secs(10));
+}
+
+/// `score --server`'s requests survive the server killed (SIGKILL) and started again on the
+/// same address: the next request finds the connection dead, is retried within the
+/// client's `--connect-timeout`, and the output is that of an undisturbed run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn score_requests_survive_a_server_restart() {
+    use dpo_proto::client::ClientOptions;
+    use ref_server::score_cli::{self, ScoreOptions, Scorer};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt\":\"Say hi\",\"response\":\"hi!\"}\n{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\"}\n",
+    )
+    .unwrap();
+    let mut server = Server::start(&model, &[], &[]);
+    let opts = ClientOptions { connect_timeout: Duration::from_secs(60), ..server.options() };
+    let scorer =
+        Scorer::remote(server.ready_client(&opts).await.with_patience(opts.connect_timeout))
+            .await
+            .unwrap();
+    let run = |name: &str| ScoreOptions {
+        input: input.clone(),
+        output: dir.path().join(name),
+        template: Template::Alpaca,
+        batch_size: 1,
+    };
+    assert_eq!(score_cli::run(&scorer, &run("before.jsonl")).await.unwrap(), 2);
+
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
+    let addr = server.addr.clone();
+    let restarted = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        Server::start_on(&model, &addr)
+    });
+    assert_eq!(score_cli::run(&scorer, &run("after.jsonl")).await.unwrap(), 2);
+    let Scorer::Remote(client) = &scorer else { unreachable!() };
+    assert!(client.retries() > 0, "the dead connection was never noticed");
+    let _restarted = restarted.await.unwrap();
+    let lines = |name: &str| -> Vec<Value> {
+        std::fs::read_to_string(dir.path().join(name))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    for (a, b) in lines("before.jsonl").iter().zip(&lines("after.jsonl")) {
+        for k in ["logprob", "chosen_logprob", "rejected_logprob"] {
+            if let Some(x) = a.get(k) {
+                let (x, y) = (x.as_f64().unwrap(), b[k].as_f64().unwrap());
+                assert!((x - y).abs() < 1e-4, "{k}: {x} vs {y}");
+            }
+        }
+    }
 }

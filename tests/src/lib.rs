@@ -36,12 +36,18 @@ impl Server {
     /// Starts `ref-server serve --listen 127.0.0.1:0 ARGS`, reads the bound address from
     /// its `listening on` line and waits (`ref-server health --wait`) until SERVING.
     pub fn start(model: &Path, extra: &[&str], log_dir: &Path) -> Server {
+        Self::start_at("127.0.0.1:0", model, extra, log_dir)
+    }
+
+    /// [`Server::start`] listening on `listen` (a fixed address, for a server started
+    /// again where clients expect it).
+    pub fn start_at(listen: &str, model: &Path, extra: &[&str], log_dir: &Path) -> Server {
         let log = log_dir.join("ref-server.log");
         let mut child = Command::new(binary("ref-server"))
             .arg("serve")
             .arg("--model")
             .arg(model)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("server log"))

@@ -71,6 +71,7 @@ impl Remote {
         let client = RefClient::connect_waiting(opts)
             .await
             .context("connecting to the server under test")?;
+        // Also pins the model that a server coming back after a failure must still hold.
         let info =
             client.model_info().await.context("asking the server under test for its model")?;
         Ok(Remote { client, info, in_flight: in_flight.max(1) })
@@ -196,10 +197,16 @@ async fn generate_remote(
         };
         let client = r.client.clone();
         let job = async move {
+            // A generation is repeatable (its seed travels with it): retried through a
+            // server restart, up to the connect timeout.
+            let what = format!("generating for example {i}");
             let (_, last) = client
-                .generate_text(req)
+                .retrying(&what, |c| {
+                    let req = req.clone();
+                    async move { c.generate_text(req).await }
+                })
                 .await
-                .with_context(|| format!("generating for example {i}"))?;
+                .context(what)?;
             Ok(Completion { text: last.full_text, finish: last.finish_reason })
         };
         (1, job)
@@ -259,10 +266,14 @@ async fn answer_logprobs_remote(
         let (first, n) = (c * batch, chunk.len());
         let client = r.client.clone();
         let job = async move {
+            let what = format!("scoring examples {first}..{}", first + n);
             let resp = client
-                .score(req)
+                .retrying(&what, |c| {
+                    let req = req.clone();
+                    async move { c.score(req).await }
+                })
                 .await
-                .with_context(|| format!("scoring examples {first}..{}", first + n))?;
+                .context(what)?;
             // `score` checked the shape: one item per prompt, one response per answer.
             resp.items
                 .iter()

@@ -34,6 +34,8 @@ impl Judge {
         let client = RefClient::connect_waiting(opts)
             .await
             .with_context(|| format!("connecting to the judge at {}", opts.url))?;
+        // Pins the judge's model: one that comes back after a failure must still hold it.
+        client.model_info().await.with_context(|| format!("asking the judge at {}", opts.url))?;
         Ok(Judge {
             client,
             batch: 8,
@@ -73,9 +75,17 @@ impl Judge {
                 })
                 .collect();
             let req = v1::ScoreRequest { items, per_token: true, request_id: c as u64 };
-            let resp = self.client.score(req).await.with_context(|| {
-                format!("judge request {c} ({} prompts) at {}", chunk.len(), self.client.url())
-            })?;
+            // Retried through a judge restart, up to the connect timeout.
+            let resp = self
+                .client
+                .retrying("judge request", |j| {
+                    let req = req.clone();
+                    async move { j.score(req).await }
+                })
+                .await
+                .with_context(|| {
+                    format!("judge request {c} ({} prompts) at {}", chunk.len(), self.client.url())
+                })?;
             if resp.items.len() != chunk.len() {
                 bail!("the judge answered {} items for {}", resp.items.len(), chunk.len());
             }

@@ -1,0 +1,144 @@
+//! A restart of the reference server in the middle of a run, as a user meets it: real
+//! processes on loopback, `ref-server serve` killed with SIGKILL after the trainer has
+//! logged step 2 and started again on the same port a few seconds later.
+//!
+//! Checks: the run completes with every step logged and the losses of an undisturbed run
+//! (reference scores do not depend on which server process computed them); a server that
+//! comes back with another model ends the run with an error naming both fingerprints.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use dpo_common::model::{load_model, Mode};
+use dpo_common::testing::{workspace_root, write_tiny_checkpoint, TinySpec};
+use dpo_tests::{binary, read_jsonl, Server};
+use policy_trainer::metrics::METRICS_FILE;
+use serde_json::Value;
+
+/// Small batches and a short prefetch window, so that the pairs of the steps after the
+/// kill are asked for only then; the trainer pauses after step 2 (a test hook) so that the
+/// server is killed while the run is known to be still going.
+fn trainer(model: &Path, url: &str, out: &Path, pause_after_step_2: bool) -> Command {
+    let mut c = Command::new(binary("policy-trainer"));
+    c.arg("train").arg("--model").arg(model).args(["--ref-server", url]);
+    c.arg("--data").arg(workspace_root().join("tests/fixtures/prefs_small.jsonl"));
+    c.arg("--out").arg(out);
+    c.args(["--template", "raw", "--max-length", "128", "--val-size", "4"]);
+    c.args(["--batch-size", "2", "--micro-batch", "1", "--max-steps", "6"]);
+    c.args(["--eval-every", "3", "--save-every", "100", "--lr", "3e-3", "--beta", "0.5"]);
+    c.args(["--ref-prefetch", "2", "--ref-batch", "1", "--ref-timeout", "60"]);
+    c.args(["--seed", "7", "--no-progress"]);
+    if pause_after_step_2 {
+        c.env("DPO_TEST_PAUSE_AFTER_STEP", "2:1500");
+    }
+    c
+}
+
+fn train_losses(out: &Path) -> Vec<(u64, f64)> {
+    read_jsonl(&out.join(METRICS_FILE))
+        .iter()
+        .filter(|r| r["kind"] == "train")
+        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until the run has logged `step` (or has ended, which the caller then reports).
+fn wait_for_step(run: &mut Child, out: &Path, step: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let metrics = out.join(METRICS_FILE);
+    loop {
+        let logged = std::fs::read_to_string(&metrics).unwrap_or_default().lines().any(|l| {
+            serde_json::from_str::<Value>(l)
+                .is_ok_and(|r| r["kind"] == "train" && r["step"].as_u64() == Some(step))
+        });
+        if logged || run.try_wait().unwrap().is_some() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the run never logged step {step}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts a run against a server on a fixed port, kills the server (SIGKILL) once step 2
+/// is logged, starts `restart_with` there 3 s later and returns the run's exit status and
+/// stderr.
+fn run_through_a_restart(
+    dir: &Path,
+    model: &Path,
+    restart_with: &Path,
+) -> (std::process::ExitStatus, String, PathBuf) {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let url = format!("http://{listen}");
+    let first_log = dir.join("first");
+    std::fs::create_dir_all(&first_log).unwrap();
+    let mut server = Server::start_at(&listen, model, &[], &first_log);
+    let out = dir.join("restarted-run");
+    let stderr_path = dir.join("trainer.stderr");
+    let mut run = trainer(model, &url, &out, true)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_step(&mut run, &out, 2);
+    assert!(run.try_wait().unwrap().is_none(), "the run ended before the server was killed");
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let second_log = dir.join("second");
+    std::fs::create_dir_all(&second_log).unwrap();
+    let _restarted = Server::start_at(&listen, restart_with, &[], &second_log);
+    let status = run.wait().unwrap();
+    (status, std::fs::read_to_string(&stderr_path).unwrap(), out)
+}
+
+#[test]
+fn a_run_survives_its_reference_server_killed_and_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    write_tiny_checkpoint(&model, &TinySpec::default(), DType::F32, None).unwrap();
+    let (status, stderr, out) = run_through_a_restart(dir.path(), &model, &model);
+    assert!(status.success(), "the run did not survive the restart:\n{stderr}");
+    assert!(stderr.contains("retrying"), "the server's absence went unnoticed:\n{stderr}");
+    assert!(!stderr.contains("(0 retries)"), "{stderr}");
+
+    // The same flags, undisturbed, against a server of its own.
+    let server = Server::start(&model, &[], dir.path());
+    let calm = dir.path().join("undisturbed-run");
+    let undisturbed = trainer(&model, &server.url, &calm, false).output().unwrap();
+    assert!(undisturbed.status.success(), "{}", String::from_utf8_lossy(&undisturbed.stderr));
+
+    let (got, want) = (train_losses(&out), train_losses(&calm));
+    assert_eq!(got.len(), 6, "every step logged once: {got:?}");
+    assert_eq!(
+        got.iter().map(|s| s.0).collect::<Vec<_>>(),
+        want.iter().map(|s| s.0).collect::<Vec<_>>()
+    );
+    for ((step, a), (_, b)) in got.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "step {step}: {a} vs {b}");
+    }
+}
+
+#[test]
+fn a_server_back_with_another_model_ends_the_run_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    let other = dir.path().join("other");
+    write_tiny_checkpoint(&model, &TinySpec::default(), DType::F32, None).unwrap();
+    write_tiny_checkpoint(&other, &TinySpec { seed: 2, ..TinySpec::default() }, DType::F32, None)
+        .unwrap();
+    let fingerprint =
+        |m: &Path| load_model(m, Mode::Frozen, DType::F32, &Device::Cpu).unwrap().fingerprint;
+    let (was, now) = (fingerprint(&model), fingerprint(&other));
+    assert_ne!(was, now);
+    let (status, stderr, out) = run_through_a_restart(dir.path(), &model, &other);
+    assert!(!status.success(), "a run went on against another model:\n{stderr}");
+    assert!(stderr.contains("another model"), "{stderr}");
+    assert!(stderr.contains(&was) && stderr.contains(&now), "{stderr}");
+    assert!(train_losses(&out).len() < 6);
+}
