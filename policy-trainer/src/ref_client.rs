@@ -1,9 +1,11 @@
-//! The trainer's side of the reference server: scores are requested ahead of the policy
-//! (a bounded window of upcoming pairs in flight), kept in the [`RefCache`]. A request
-//! that fails for any reason but the server's verdict (the server down, restarting or
-//! still loading, the connection lost) is retried with backoff for at most
-//! `--ref-timeout` ([`RefClient::retrying`]), after which the trainer fails with an error
-//! naming the server; a server that comes back with another model ends the run at once.
+//! The trainer's side of the reference: scores are requested ahead of the policy (a
+//! bounded window of upcoming pairs in flight), kept in the [`RefCache`]. `--ref-server`
+//! may name several replicas (a list or a `dns:///` name); requests are balanced over them.
+//! A request that fails for any reason but the server's verdict (a replica down,
+//! restarting or still loading, the connection lost) is retried on another replica, or on
+//! the same one once it is back, for at most `--ref-timeout` ([`RefClient::retrying`]),
+//! after which the trainer fails with an error naming the server; replicas serving another
+//! model than the first one's are never used, and when none is left the run ends.
 //!
 //! The training loop is synchronous (candle compute on the calling thread); the gRPC
 //! traffic runs on a small tokio runtime owned by [`ReferenceScorer`]. The two meet in a
@@ -15,7 +17,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use dpo_common::data::EncodedPair;
-use dpo_proto::client::{ClientError, ClientOptions, ModelInfo, RefClient, TokenPair};
+use dpo_proto::client::{ClientError, ClientOptions, ModelInfo, TokenPair};
+use dpo_proto::fleet::{RefClient, ReplicaStats};
 
 use crate::ref_cache::{PairKey, RefCache, RefScores};
 
@@ -54,11 +57,41 @@ pub struct ReferenceScorer {
     stats: Arc<Mutex<ScorerStats>>,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct ScorerStats {
     pub pairs_requested: usize,
     pub requests: usize,
     pub retries: usize,
+    /// Each replica's calls (attempts) and failures.
+    pub replicas: Vec<ReplicaStats>,
+}
+
+impl ScorerStats {
+    /// One line for the run summary: the requests, the retries and, with several replicas,
+    /// each one's share of the calls.
+    pub fn describe(&self) -> String {
+        let mut line = format!(
+            "{} pairs in {} requests ({} retries)",
+            self.pairs_requested, self.requests, self.retries
+        );
+        if self.replicas.len() > 1 {
+            let calls: u64 = self.replicas.iter().map(|r| r.calls).sum::<u64>().max(1);
+            let shares: Vec<String> = self
+                .replicas
+                .iter()
+                .map(|r| {
+                    let failed = match r.failures {
+                        0 => String::new(),
+                        n => format!(", {n} failed"),
+                    };
+                    let share = 100.0 * r.calls as f64 / calls as f64;
+                    format!("{} {} calls ({share:.0}%{failed})", r.url, r.calls)
+                })
+                .collect();
+            line.push_str(&format!("; replicas: {}", shares.join(", ")));
+        }
+        line
+    }
 }
 
 /// `what` failed for good: a server verdict or a changed model as it is, and a server
@@ -87,16 +120,14 @@ impl ReferenceScorer {
         let stats = Arc::new(Mutex::new(ScorerStats::default()));
         let (client, info) = runtime.block_on(async {
             // Waits for a server that is not up yet or still loading, up to the timeout.
+            // Every replica found now serves the same model, or this fails naming both.
             let client = RefClient::wait_until_serving(&options.client, options.timeout)
                 .await
-                .map_err(|e| scoring_error("connecting", options.timeout, e))?
-                .with_patience(options.timeout);
-            // Pins the fingerprint that a server coming back after a failure must report.
-            let what = "asking for ModelInfo";
+                .map_err(|e| scoring_error("connecting", options.timeout, e))?;
             let info = client
-                .retrying(what, |c| async move { c.model_info().await })
+                .model_info()
                 .await
-                .map_err(|e| scoring_error(what, options.timeout, e))?;
+                .map_err(|e| scoring_error("asking for ModelInfo", options.timeout, e))?;
             anyhow::Ok((client, info))
         })?;
         let requests = Arc::new(tokio::sync::Semaphore::new(options.max_requests_in_flight.max(1)));
@@ -120,7 +151,8 @@ impl ReferenceScorer {
 
     pub fn stats(&self) -> ScorerStats {
         let retries = self.client.retries() as usize;
-        ScorerStats { retries, ..*self.stats.lock().expect("stats lock") }
+        let replicas = self.client.replicas();
+        ScorerStats { retries, replicas, ..self.stats.lock().expect("stats lock").clone() }
     }
 
     pub fn cached(&self) -> usize {

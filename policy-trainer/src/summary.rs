@@ -14,6 +14,8 @@ pub struct RunSummary {
     pub loss: String,
     /// True when the loss read no reference (no server was contacted).
     pub reference_free: bool,
+    /// How the reference was used: requests, retries, each replica's share.
+    pub reference: Option<String>,
     pub steps: usize,
     pub examples_seen: usize,
     /// The best checkpoint's step, value and metric name (`None` when none was saved).
@@ -66,6 +68,9 @@ impl fmt::Display for RunSummary {
                 false => format!("loss:    {}", self.loss),
             },
         ];
+        if let Some(r) = &self.reference {
+            lines.push(format!("reference: {r}"));
+        }
         if let Some(e) = &self.final_eval {
             lines.push(format!(
                 "final validation: loss {:.4}, reward accuracy {:.3}, log-prob accuracy {:.3}, margin {:.4}",
@@ -106,6 +111,7 @@ mod tests {
         RunSummary {
             loss: "simpo".into(),
             reference_free: true,
+            reference: None,
             steps: 3,
             examples_seen: 24,
             best,

@@ -338,21 +338,20 @@ impl Trainer {
     /// Ends the run: the cache flushed, the reference's statistics logged, the summary.
     pub fn finish(self) -> Result<RunSummary> {
         self.progress.finish();
-        if let Some(scorer) = &self.scorer {
-            scorer.flush_cache()?;
-            let s = scorer.stats();
-            tracing::info!(
-                "reference: {} pairs in {} requests ({} retries), {} cached",
-                s.pairs_requested,
-                s.requests,
-                s.retries,
-                scorer.cached()
-            );
-        }
+        let reference = match &self.scorer {
+            Some(scorer) => {
+                scorer.flush_cache()?;
+                let s = scorer.stats().describe();
+                tracing::info!("reference: {s}, {} cached", scorer.cached());
+                Some(s)
+            }
+            None => None,
+        };
         let state = &self.state;
         Ok(RunSummary {
             loss: self.loss.to_string(),
             reference_free: self.scorer.is_none(),
+            reference,
             steps: state.step,
             examples_seen: state.examples_seen,
             best: state

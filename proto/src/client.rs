@@ -1,12 +1,12 @@
-//! A plain-Rust client for the `dpo.v1.Reference` service: connection set-up (plain or TLS,
+//! One connection to one `dpo.v1.Reference` server: connection set-up (plain or TLS,
 //! bearer token), waiting for a server that is still loading its model or not listening yet
-//! ([`RefClient::connect_waiting`]), the calls the trainer and the scoring CLI make, and
-//! errors that name the server and say whether retrying can help. The wire types stay in
+//! ([`ReplicaClient::wait_until_serving`]), the calls the trainer and the scoring CLI make,
+//! and errors that name the server and say whether retrying can help. Clients reach a
+//! fleet of such servers through [`crate::fleet::RefClient`]. The wire types stay in
 //! [`crate::v1`]; callers that only score DPO pairs never touch them
-//! ([`RefClient::score_pairs`]).
+//! ([`ReplicaClient::score_pairs`]).
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,7 @@ pub struct ClientOptions {
     pub ca_cert: Option<PathBuf>,
     /// Name to verify the server certificate against (default: the URL's host).
     pub tls_domain: Option<String>,
-    /// How long one connection attempt may take; [`RefClient::connect_waiting`] also waits
+    /// How long one connection attempt may take; [`ReplicaClient::connect_waiting`] also waits
     /// this long, in all, for the server to report SERVING.
     pub connect_timeout: Duration,
     /// Largest message sent or accepted, in bytes.
@@ -113,10 +113,18 @@ pub enum ClientError {
     )]
     ModelChanged { url: String, expected: String, found: String },
 
+    /// Two replicas of one fleet serve different models.
+    #[error(
+        "reference replicas serve different models: {url} has fingerprint {found}, but \
+         {other_url} has {expected}; every replica must load the same model"
+    )]
+    ReplicaMismatch { url: String, found: String, other_url: String, expected: String },
+
     #[error("reference server at {url} sent an unexpected reply: {message}")]
     Protocol { url: String, message: String },
 
-    /// [`RefClient::wait_until_serving`] or a retried call ([`RefClient::retrying`]) ran
+    /// [`ReplicaClient::wait_until_serving`] or a retried call
+    /// ([`crate::fleet::RefClient::retrying`]) ran
     /// out of time; `last` is why the last attempt failed (connection refused, still
     /// loading, ...).
     /// `answered`: whether the server answered at all on the last attempt (it was up but
@@ -148,7 +156,35 @@ impl ClientError {
             | ClientError::Token(_)
             | ClientError::NoServer
             | ClientError::Protocol { .. }
-            | ClientError::ModelChanged { .. } => false,
+            | ClientError::ModelChanged { .. }
+            | ClientError::ReplicaMismatch { .. } => false,
+        }
+    }
+
+    /// A copy, for an error that more than one call must report (a replica refused for
+    /// good). Errors that own an I/O source (never a replica's refusal) keep their message.
+    pub(crate) fn copy(&self) -> ClientError {
+        match self {
+            ClientError::Status { url, code, message } => {
+                ClientError::Status { url: url.clone(), code: *code, message: message.clone() }
+            }
+            ClientError::ModelChanged { url, expected, found } => ClientError::ModelChanged {
+                url: url.clone(),
+                expected: expected.clone(),
+                found: found.clone(),
+            },
+            ClientError::ReplicaMismatch { url, found, other_url, expected } => {
+                ClientError::ReplicaMismatch {
+                    url: url.clone(),
+                    found: found.clone(),
+                    other_url: other_url.clone(),
+                    expected: expected.clone(),
+                }
+            }
+            ClientError::BadUrl { url, message } => {
+                ClientError::BadUrl { url: url.clone(), message: message.clone() }
+            }
+            other => ClientError::Protocol { url: String::new(), message: other.to_string() },
         }
     }
 
@@ -216,6 +252,13 @@ impl tonic::service::Interceptor for BearerAuth {
 
 type Inner = ReferenceClient<InterceptedService<Channel, BearerAuth>>;
 
+/// A client's options, checked and ready to connect ([`ReplicaClient::prepare`]).
+pub(crate) struct Prepared {
+    url: String,
+    endpoint: Endpoint,
+    header: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
 /// Pauses between attempts while waiting for a server: short at first, since a small model
 /// loads in about a second, doubling up to [`MAX_PAUSE`] so a long load is not polled hard.
 const FIRST_PAUSE: Duration = Duration::from_millis(50);
@@ -223,26 +266,44 @@ const MAX_PAUSE: Duration = Duration::from_secs(1);
 /// The least time one attempt gets, however close the deadline.
 const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 
-/// A connection to one reference server. Cheap to clone; clones share the connection, the
-/// model fingerprint it pinned and its retry count.
+/// A connection to one reference server (one replica of a fleet). Cheap to clone; clones
+/// share the connection. Clients use [`crate::fleet::RefClient`], which balances over
+/// replicas and retries; each attempt gets one of these.
 #[derive(Clone)]
-pub struct RefClient {
+pub struct ReplicaClient {
     pub(crate) url: String,
     inner: Inner,
     health: HealthClient<Channel>,
-    /// How long [`RefClient::retrying`] keeps retrying a failing call.
-    pub(crate) patience: Duration,
-    /// The model fingerprint of the first `ModelInfo` answer; a server that comes back
-    /// after a failure must still report it.
-    pub(crate) pinned_model: Arc<OnceLock<String>>,
-    /// Attempts [`RefClient::retrying`] has repeated, over all clones.
-    pub(crate) retries: Arc<AtomicU64>,
+    /// The fingerprint of this connection's first `ModelInfo` answer. The channel
+    /// reconnects by itself, so a server restarted behind the same address with another
+    /// model would go unnoticed; every answer names its model
+    /// ([`MODEL_FINGERPRINT_HEADER`]) and one naming another is [`ClientError::ModelChanged`].
+    model: Arc<OnceLock<String>>,
 }
 
-impl RefClient {
+/// Response metadata in which the server names the model that answered (its fingerprint).
+pub const MODEL_FINGERPRINT_HEADER: &str = "dpo-model-fingerprint";
+
+impl ReplicaClient {
     /// Connects (TLS for `https://`), failing with [`ClientError::Connect`] when the server
     /// cannot be reached within `connect_timeout`.
-    pub async fn connect(opts: &ClientOptions) -> Result<RefClient, ClientError> {
+    pub async fn connect(opts: &ClientOptions) -> Result<ReplicaClient, ClientError> {
+        let Prepared { url, endpoint, header } = Self::prepare(opts)?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| ClientError::Connect { url: url.clone(), message: error_chain(&e) })?;
+        let inner = ReferenceClient::with_interceptor(channel.clone(), BearerAuth { header })
+            .max_decoding_message_size(opts.max_message_bytes)
+            .max_encoding_message_size(opts.max_message_bytes);
+        let health = HealthClient::new(channel);
+        Ok(ReplicaClient { url, inner, health, model: Arc::default() })
+    }
+
+    /// Everything about `opts` that can be wrong without asking the network: the URL, the
+    /// TLS set-up (the CA file is read here) and the bearer token. Waiting for a server
+    /// cannot fix these, so every client checks them before it waits.
+    pub(crate) fn prepare(opts: &ClientOptions) -> Result<Prepared, ClientError> {
         let url = opts.url.trim().to_string();
         let bad_url = |message: String| ClientError::BadUrl { url: url.clone(), message };
         let endpoint = Endpoint::from_shared(url.clone())
@@ -274,7 +335,6 @@ impl RefClient {
         } else {
             return Err(bad_url("expected http://host:port or https://host:port".into()));
         };
-        // Checked before connecting: waiting for the server cannot fix a bad token.
         let header = match &opts.token {
             None => None,
             Some(t) => Some(
@@ -283,29 +343,14 @@ impl RefClient {
                     .map_err(|_| ClientError::BadToken("not printable ASCII".into()))?,
             ),
         };
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| ClientError::Connect { url: url.clone(), message: error_chain(&e) })?;
-        let inner = ReferenceClient::with_interceptor(channel.clone(), BearerAuth { header })
-            .max_decoding_message_size(opts.max_message_bytes)
-            .max_encoding_message_size(opts.max_message_bytes);
-        let health = HealthClient::new(channel);
-        Ok(RefClient {
-            url,
-            inner,
-            health,
-            patience: opts.connect_timeout,
-            pinned_model: Arc::default(),
-            retries: Arc::default(),
-        })
+        Ok(Prepared { url, endpoint, header })
     }
 
     /// [`connect`](Self::connect), then waits until the server reports SERVING: a server
     /// still loading its model, not listening yet or briefly unreachable is retried with
     /// backoff for up to `opts.connect_timeout` in all. Every client that is about to use
     /// a server connects this way.
-    pub async fn connect_waiting(opts: &ClientOptions) -> Result<RefClient, ClientError> {
+    pub async fn connect_waiting(opts: &ClientOptions) -> Result<ReplicaClient, ClientError> {
         Self::wait_until_serving(opts, opts.connect_timeout).await
     }
 
@@ -316,7 +361,7 @@ impl RefClient {
     pub async fn wait_until_serving(
         opts: &ClientOptions,
         patience: Duration,
-    ) -> Result<RefClient, ClientError> {
+    ) -> Result<ReplicaClient, ClientError> {
         let started = Instant::now();
         let deadline = started + patience;
         let mut pause = FIRST_PAUSE;
@@ -365,7 +410,7 @@ impl RefClient {
 
     /// One attempt of [`wait_until_serving`](Self::wait_until_serving): a server that
     /// answers but is not SERVING yet is a retryable `UNAVAILABLE`.
-    async fn connect_if_serving(opts: &ClientOptions) -> Result<RefClient, ClientError> {
+    async fn connect_if_serving(opts: &ClientOptions) -> Result<ReplicaClient, ClientError> {
         let client = Self::connect(opts).await?;
         if client.health().await? {
             Ok(client)
@@ -382,8 +427,8 @@ impl RefClient {
         &self.url
     }
 
-    /// The server's model and limits. The first answer pins the model fingerprint that a
-    /// server coming back after a failure must still report ([`RefClient::retrying`]).
+    /// The server's model and limits. The first answer pins the model this connection's
+    /// later answers must come from.
     pub async fn model_info(&self) -> Result<ModelInfo, ClientError> {
         let mut c = self.inner.clone();
         let info = c
@@ -391,19 +436,39 @@ impl RefClient {
             .await
             .map(|r| r.into_inner())
             .map_err(|s| ClientError::from_status(&self.url, s))?;
-        self.pinned_model.get_or_init(|| info.fingerprint.clone());
+        self.check_model(&info.fingerprint)?;
         Ok(info)
+    }
+
+    /// Whether `found` is the model this connection pinned (the first one it saw).
+    fn check_model(&self, found: &str) -> Result<(), ClientError> {
+        let expected = self.model.get_or_init(|| found.to_string());
+        if expected == found {
+            Ok(())
+        } else {
+            Err(ClientError::ModelChanged {
+                url: self.url.clone(),
+                expected: expected.clone(),
+                found: found.to_string(),
+            })
+        }
+    }
+
+    /// Checks the model an answer names; a server that names none is taken at its word.
+    fn check_answer(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), ClientError> {
+        match metadata.get(MODEL_FINGERPRINT_HEADER).and_then(|v| v.to_str().ok()) {
+            Some(found) => self.check_model(found),
+            None => Ok(()),
+        }
     }
 
     /// Scores any request; the response has one item per request item, checked here.
     pub async fn score(&self, req: v1::ScoreRequest) -> Result<v1::ScoreResponse, ClientError> {
         let shape: Vec<usize> = req.items.iter().map(item_responses).collect();
         let mut c = self.inner.clone();
-        let resp = c
-            .score(req)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| ClientError::from_status(&self.url, s))?;
+        let resp = c.score(req).await.map_err(|s| ClientError::from_status(&self.url, s))?;
+        self.check_answer(resp.metadata())?;
+        let resp = resp.into_inner();
         let got: Vec<usize> = resp.items.iter().map(|i| i.responses.len()).collect();
         if got != shape {
             return Err(ClientError::Protocol {
@@ -421,10 +486,9 @@ impl RefClient {
         req: v1::GenerateRequest,
     ) -> Result<tonic::Streaming<v1::GenerateResponse>, ClientError> {
         let mut c = self.inner.clone();
-        c.generate(req)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| ClientError::from_status(&self.url, s))
+        let resp = c.generate(req).await.map_err(|s| ClientError::from_status(&self.url, s))?;
+        self.check_answer(resp.metadata())?;
+        Ok(resp.into_inner())
     }
 
     /// [`generate`](Self::generate) to the end: (the streamed text joined, the last message).
@@ -620,7 +684,7 @@ pub(crate) mod tests {
             connect_timeout: Duration::from_secs(2),
             ..ClientOptions::default()
         };
-        let err = RefClient::connect(&opts).await.err().expect("connect must fail");
+        let err = ReplicaClient::connect(&opts).await.err().expect("connect must fail");
         assert!(err.is_retryable(), "{err}");
         assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
     }
@@ -667,10 +731,10 @@ pub(crate) mod tests {
         let opts = options(listener.local_addr().unwrap(), Duration::from_secs(20));
         let _stop = health_server(listener, Duration::from_millis(600));
         // Up but loading: a plain connect answers NOT_SERVING, the waiting one waits.
-        let early = RefClient::connect(&opts).await.unwrap();
+        let early = ReplicaClient::connect(&opts).await.unwrap();
         assert!(!early.health().await.unwrap());
         let t = Instant::now();
-        let client = RefClient::connect_waiting(&opts).await.unwrap();
+        let client = ReplicaClient::connect_waiting(&opts).await.unwrap();
         assert!(client.health().await.unwrap());
         assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
     }
@@ -680,7 +744,7 @@ pub(crate) mod tests {
         // A free port, closed again; the server binds it only after the client has started.
         let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let opts = options(addr, Duration::from_secs(20));
-        let waiting = tokio::spawn(async move { RefClient::connect_waiting(&opts).await });
+        let waiting = tokio::spawn(async move { ReplicaClient::connect_waiting(&opts).await });
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(!waiting.is_finished());
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -695,7 +759,7 @@ pub(crate) mod tests {
         let addr = listener.local_addr().unwrap();
         let _stop = health_server(listener, Duration::from_secs(3600));
         let t = Instant::now();
-        let err = RefClient::connect_waiting(&options(addr, Duration::from_secs(1)))
+        let err = ReplicaClient::connect_waiting(&options(addr, Duration::from_secs(1)))
             .await
             .err()
             .expect("never SERVING");
@@ -706,7 +770,7 @@ pub(crate) mod tests {
         assert!(matches!(err, ClientError::NotServing { answered: true, .. }));
 
         // Nothing listening: the last reason is the refused connection.
-        let err = RefClient::wait_until_serving(
+        let err = ReplicaClient::wait_until_serving(
             &options("127.0.0.1:1".parse().unwrap(), Duration::from_secs(2)),
             Duration::from_millis(500),
         )
@@ -726,10 +790,10 @@ pub(crate) mod tests {
             connect_timeout: Duration::from_secs(30),
             ..ClientOptions::default()
         };
-        let err = RefClient::connect_waiting(&opts).await.err().expect("bad token");
+        let err = ReplicaClient::connect_waiting(&opts).await.err().expect("bad token");
         assert!(matches!(err, ClientError::BadToken(_)), "{err}");
         let opts = ClientOptions { url: "ftp://x".into(), ..opts };
-        let err = RefClient::connect_waiting(&opts).await.err().expect("bad URL");
+        let err = ReplicaClient::connect_waiting(&opts).await.err().expect("bad URL");
         assert!(matches!(err, ClientError::BadUrl { .. }), "{err}");
         assert!(t.elapsed() < Duration::from_secs(5));
     }
@@ -737,7 +801,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn bad_urls_are_not_retryable() {
         let opts = ClientOptions { url: "ftp://x".into(), ..ClientOptions::default() };
-        let err = RefClient::connect(&opts).await.err().expect("must fail");
+        let err = ReplicaClient::connect(&opts).await.err().expect("must fail");
         assert!(!err.is_retryable());
     }
 }

@@ -14,7 +14,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::client::{ClientError, ClientOptions, RefClient};
+use crate::client::{ClientError, ClientOptions};
+use crate::fleet::RefClient;
 use crate::token::load_token;
 
 /// Where `--server` points when it is not given: `ref-server serve`'s default `--listen`.
@@ -23,7 +24,9 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
 /// The connection flags, for `#[command(flatten)]`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnectArgs {
-    /// Server URL, http://HOST:PORT or https://HOST:PORT.
+    /// The reference: a server URL (http://HOST:PORT or https://HOST:PORT), a
+    /// comma-separated list of replica URLs, or dns:///HOST:PORT (every address the name
+    /// resolves to is a replica; https when --tls-ca is given).
     #[arg(long, value_name = "URL", default_value = DEFAULT_SERVER)]
     pub server: Option<String>,
     /// PEM CA certificate to trust for https:// (default: system roots).

@@ -1,8 +1,9 @@
 //! The `dpo.v1` gRPC API shared by `ref-server` (which serves it) and every client
-//! (`policy-trainer`, `ref-server score --server`, `dpo-eval --server`): the client
-//! ([`client`], with the retries that carry every call through a server restart, in
-//! `retry`), the connection flags they all take ([`connect`]) and the bearer-token loader
-//! ([`token`]). Source of truth: `proto/dpo/v1/*.proto`.
+//! (`policy-trainer`, `ref-server score --server`, `dpo-eval --server`): the client of a
+//! reference fleet ([`fleet::RefClient`]: replicas balanced, calls retried through
+//! failures and restarts) over connections to single servers ([`client`]), the connection
+//! flags every client takes ([`connect`]) and the bearer-token loader ([`token`]). Source
+//! of truth: `proto/dpo/v1/*.proto`.
 
 pub mod v1 {
     tonic::include_proto!("dpo.v1");
@@ -13,5 +14,5 @@ pub mod v1 {
 
 pub mod client;
 pub mod connect;
-mod retry;
+pub mod fleet;
 pub mod token;

@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use dpo_common::logprob::{response_logprobs, Sequence};
 use dpo_common::template::Template;
-use dpo_proto::client::{ClientOptions, RefClient, TokenPair};
+use dpo_proto::client::{ClientOptions, ReplicaClient, TokenPair};
 use dpo_proto::v1;
 use ref_server::config::LimitArgs;
 use ref_server::engine::Engine;
@@ -160,7 +160,7 @@ async fn async_main() -> Result<()> {
         args.clients
     );
 
-    let client = RefClient::connect(&ClientOptions {
+    let client = ReplicaClient::connect(&ClientOptions {
         url: args.server.clone(),
         token: dpo_proto::token::load_token(None)?,
         ..ClientOptions::default()

@@ -1,13 +1,14 @@
 //! `ref-server health`: whether a server is SERVING, now or (with `--wait`) within a
-//! deadline. The one way scripts and tests wait for a server they started: read its
+//! deadline (for a fleet, once one replica serves the model every replica reports). The one way scripts and tests wait for a server they started: read its
 //! `listening on` line, then `ref-server health --server URL --wait SECS --server-pid PID`.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use dpo_proto::client::RefClient;
+use dpo_proto::client::ReplicaClient;
 use dpo_proto::connect::ConnectArgs;
+use dpo_proto::fleet::RefClient;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct HealthArgs {
@@ -27,8 +28,15 @@ pub struct HealthArgs {
 /// that is up but still loading exits 1 with a message, and an unreachable one is an error.
 pub async fn run(args: &HealthArgs) -> Result<ExitCode> {
     let opts = args.connect.options()?;
+    let fleet = opts.url.contains(',') || opts.url.trim_start().starts_with("dns:");
     let Some(wait) = args.wait else {
-        let client = RefClient::connect(&opts).await?;
+        if fleet {
+            bail!(
+                "without --wait, health checks one server: give one URL (with --wait, a list \
+                 or dns:/// name is SERVING once one replica is)"
+            );
+        }
+        let client = ReplicaClient::connect(&opts).await?;
         if client.health().await? {
             println!("SERVING");
             return Ok(ExitCode::SUCCESS);
@@ -36,7 +44,15 @@ pub async fn run(args: &HealthArgs) -> Result<ExitCode> {
         eprintln!("{} is up but NOT_SERVING (still loading the model?)", client.url());
         return Ok(ExitCode::from(1));
     };
-    let waiting = RefClient::wait_until_serving(&opts, Duration::from_secs(wait));
+    let patience = Duration::from_secs(wait);
+    // One server: its health check alone, which needs no token. A fleet: a replica
+    // SERVING the model every replica found reports (ModelInfo: the token if required).
+    let waiting = async {
+        match fleet {
+            true => RefClient::wait_until_serving(&opts, patience).await.map(drop),
+            false => ReplicaClient::wait_until_serving(&opts, patience).await.map(drop),
+        }
+    };
     match args.server_pid {
         None => {
             waiting.await?;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use dpo_common::template::Template;
-use dpo_proto::client::RefClient;
+use dpo_proto::fleet::RefClient;
 use dpo_proto::v1;
 use serde_json::{Map, Value};
 

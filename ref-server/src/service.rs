@@ -4,6 +4,7 @@
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
+use dpo_proto::client::MODEL_FINGERPRINT_HEADER;
 use dpo_proto::v1;
 use dpo_proto::v1::reference_server::Reference;
 use tokio::sync::mpsc;
@@ -37,6 +38,17 @@ impl ReferenceService {
     }
 }
 
+/// A response that names the model answering ([`MODEL_FINGERPRINT_HEADER`]), so that a
+/// client whose connection was silently re-established to a server restarted with another
+/// model notices.
+fn answer<T>(engine: &Engine, body: T) -> Response<T> {
+    let mut response = Response::new(body);
+    if let Ok(value) = engine.model_info().fingerprint.parse() {
+        response.metadata_mut().insert(MODEL_FINGERPRINT_HEADER, value);
+    }
+    response
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<v1::ScoreResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -52,7 +64,7 @@ impl Reference for ReferenceService {
         match engine.score(req).await {
             Ok(r) => {
                 tracing::debug!(items = n, ms = started.elapsed().as_millis() as u64, "Score");
-                Ok(Response::new(r))
+                Ok(answer(&engine, r))
             }
             Err(e) => {
                 tracing::info!(items = n, "Score refused: {e}");
@@ -71,6 +83,7 @@ impl Reference for ReferenceService {
         let max_message_bytes = engine.limits().max_message_bytes;
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
+        let response = answer(&engine, ());
         let slots = Arc::new(tokio::sync::Semaphore::new(STREAM_IN_FLIGHT));
         tokio::spawn(async move {
             while let Some(next) = incoming.next().await {
@@ -107,7 +120,7 @@ impl Reference for ReferenceService {
                 });
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(response.map(|()| Box::pin(ReceiverStream::new(rx)) as ResponseStream))
     }
 
     type GenerateStream = Pin<Box<dyn Stream<Item = Result<v1::GenerateResponse, Status>> + Send>>;
@@ -118,7 +131,9 @@ impl Reference for ReferenceService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let engine = self.engine()?;
         match engine.generate(request.into_inner()).await {
-            Ok(rx) => Ok(Response::new(Box::pin(ReceiverStream::new(rx)))),
+            Ok(rx) => {
+                Ok(answer(&engine, Box::pin(ReceiverStream::new(rx)) as Self::GenerateStream))
+            }
             Err(e) => {
                 tracing::info!("Generate refused: {e}");
                 Err(e.into())
@@ -130,6 +145,7 @@ impl Reference for ReferenceService {
         &self,
         _request: Request<v1::ModelInfoRequest>,
     ) -> Result<Response<v1::ModelInfoResponse>, Status> {
-        Ok(Response::new(self.engine()?.model_info().clone()))
+        let engine = self.engine()?;
+        Ok(answer(&engine, engine.model_info().clone()))
     }
 }

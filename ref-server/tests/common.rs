@@ -14,7 +14,7 @@ use dpo_common::logprob::{response_logprobs, Sequence};
 use dpo_common::model::load::{load_model, LoadedModel};
 use dpo_common::model::Mode;
 use dpo_common::testing::{write_tiny_checkpoint, TinySpec};
-use dpo_proto::client::{ClientOptions, RefClient};
+use dpo_proto::client::{ClientOptions, ReplicaClient};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ref-server");
 
@@ -145,8 +145,8 @@ impl Server {
 
     /// Connects and waits until the model is loaded (the clients' own wait, with a
     /// deadline).
-    pub async fn ready_client(&self, opts: &ClientOptions) -> RefClient {
-        RefClient::wait_until_serving(opts, Duration::from_secs(120))
+    pub async fn ready_client(&self, opts: &ClientOptions) -> ReplicaClient {
+        ReplicaClient::wait_until_serving(opts, Duration::from_secs(120))
             .await
             .unwrap_or_else(|e| panic!("{e}"))
     }

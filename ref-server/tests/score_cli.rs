@@ -136,10 +136,9 @@ async fn score_requests_survive_a_server_restart() {
     .unwrap();
     let mut server = Server::start(&model, &[], &[]);
     let opts = ClientOptions { connect_timeout: Duration::from_secs(60), ..server.options() };
-    let scorer =
-        Scorer::remote(server.ready_client(&opts).await.with_patience(opts.connect_timeout))
-            .await
-            .unwrap();
+    server.ready_client(&opts).await;
+    let client = dpo_proto::fleet::RefClient::connect_waiting(&opts).await.unwrap();
+    let scorer = Scorer::remote(client).await.unwrap();
     let run = |name: &str| ScoreOptions {
         input: input.clone(),
         output: dir.path().join(name),

@@ -80,7 +80,7 @@ async fn tls_with_a_ca_file() {
     assert_eq!(client.model_info().await.unwrap().vocab_size, 258);
     // Plain text against a TLS server fails.
     let plain = ClientOptions { url: server.url.clone(), ..ClientOptions::default() };
-    let ok = match dpo_proto::client::RefClient::connect(&plain).await {
+    let ok = match dpo_proto::client::ReplicaClient::connect(&plain).await {
         Ok(c) => c.model_info().await.is_ok(),
         Err(_) => false,
     };

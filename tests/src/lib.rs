@@ -7,6 +7,8 @@ use std::process::{Child, Command, Stdio};
 
 use dpo_common::testing::workspace_root;
 
+pub mod faults;
+
 /// Path of a workspace binary in the current profile's target directory, building it
 /// first if `cargo test` was not run for the whole workspace.
 pub fn binary(name: &str) -> PathBuf {

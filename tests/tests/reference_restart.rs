@@ -7,63 +7,14 @@
 //! comes back with another model ends the run with an error naming both fingerprints.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use candle_core::{DType, Device};
 use dpo_common::model::{load_model, Mode};
-use dpo_common::testing::{workspace_root, write_tiny_checkpoint, TinySpec};
-use dpo_tests::{binary, read_jsonl, Server};
-use policy_trainer::metrics::METRICS_FILE;
-use serde_json::Value;
-
-/// Small batches and a short prefetch window, so that the pairs of the steps after the
-/// kill are asked for only then; the trainer pauses after step 2 (a test hook) so that the
-/// server is killed while the run is known to be still going.
-fn trainer(model: &Path, url: &str, out: &Path, pause_after_step_2: bool) -> Command {
-    let mut c = Command::new(binary("policy-trainer"));
-    c.arg("train").arg("--model").arg(model).args(["--ref-server", url]);
-    c.arg("--data").arg(workspace_root().join("tests/fixtures/prefs_small.jsonl"));
-    c.arg("--out").arg(out);
-    c.args(["--template", "raw", "--max-length", "128", "--val-size", "4"]);
-    c.args(["--batch-size", "2", "--micro-batch", "1", "--max-steps", "6"]);
-    c.args(["--eval-every", "3", "--save-every", "100", "--lr", "3e-3", "--beta", "0.5"]);
-    c.args(["--ref-prefetch", "2", "--ref-batch", "1", "--ref-timeout", "60"]);
-    c.args(["--seed", "7", "--no-progress"]);
-    if pause_after_step_2 {
-        c.env("DPO_TEST_PAUSE_AFTER_STEP", "2:1500");
-    }
-    c
-}
-
-fn train_losses(out: &Path) -> Vec<(u64, f64)> {
-    read_jsonl(&out.join(METRICS_FILE))
-        .iter()
-        .filter(|r| r["kind"] == "train")
-        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
-        .collect()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Waits until the run has logged `step` (or has ended, which the caller then reports).
-fn wait_for_step(run: &mut Child, out: &Path, step: u64) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let metrics = out.join(METRICS_FILE);
-    loop {
-        let logged = std::fs::read_to_string(&metrics).unwrap_or_default().lines().any(|l| {
-            serde_json::from_str::<Value>(l)
-                .is_ok_and(|r| r["kind"] == "train" && r["step"].as_u64() == Some(step))
-        });
-        if logged || run.try_wait().unwrap().is_some() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the run never logged step {step}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use dpo_common::testing::{write_tiny_checkpoint, TinySpec};
+use dpo_tests::faults::{free_port, short_run as trainer, train_losses, wait_for_step};
+use dpo_tests::Server;
 
 /// Starts a run against a server on a fixed port, kills the server (SIGKILL) once step 2
 /// is logged, starts `restart_with` there 3 s later and returns the run's exit status and

@@ -10,7 +10,8 @@
 //! length difference of zero.
 
 use anyhow::{bail, Context, Result};
-use dpo_proto::client::{ClientOptions, RefClient};
+use dpo_proto::client::ClientOptions;
+use dpo_proto::fleet::RefClient;
 use dpo_proto::v1;
 
 use super::prompts::{
