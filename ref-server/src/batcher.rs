@@ -96,6 +96,7 @@ struct Job {
     reply: oneshot::Sender<Result<Vec<Scored>, BatchError>>,
     /// Returned to the queue's token budget when the job is done.
     _permit: OwnedSemaphorePermit,
+    _queued: crate::metrics::QueuedWork,
 }
 
 /// Submits work to the batcher thread. Dropping every handle stops the thread once the
@@ -132,6 +133,7 @@ impl Batcher {
         // Validation keeps a request's sequences (which hold at least its row tokens)
         // below max_tokens_per_request <= max_queued_tokens.
         let tokens = tokens.min(self.max_queued_tokens) as u32;
+        let queued = crate::metrics::metrics().enqueue(&rows);
         let permit = self
             .queued_tokens
             .clone()
@@ -140,7 +142,14 @@ impl Batcher {
             .map_err(|_| BatchError::ShuttingDown)?;
         let (reply, rx) = oneshot::channel();
         let n = rows.len();
-        let job = Job { rows, results: vec![None; n], remaining: n, reply, _permit: permit };
+        let job = Job {
+            rows,
+            results: vec![None; n],
+            remaining: n,
+            reply,
+            _permit: permit,
+            _queued: queued,
+        };
         self.tx.send(job).map_err(|_| BatchError::ShuttingDown)?;
         rx.await.map_err(|_| BatchError::ShuttingDown)?
     }
@@ -201,6 +210,7 @@ fn run(model: Arc<Llama>, plan: Plan, mut rx: mpsc::UnboundedReceiver<Job>) {
                 }
             }
         }
+        crate::metrics::metrics().forward_pass(&rows, started.elapsed());
         if let Some(c) =
             prefixes.as_ref().filter(|c| Some(c.stats().prefixes_computed) != computed_before)
         {
