@@ -96,7 +96,6 @@ struct Job {
     reply: oneshot::Sender<Result<Vec<Scored>, BatchError>>,
     /// Returned to the queue's token budget when the job is done.
     _permit: OwnedSemaphorePermit,
-    _queued: crate::metrics::QueuedWork,
 }
 
 /// Submits work to the batcher thread. Dropping every handle stops the thread once the
@@ -133,7 +132,7 @@ impl Batcher {
         // Validation keeps a request's sequences (which hold at least its row tokens)
         // below max_tokens_per_request <= max_queued_tokens.
         let tokens = tokens.min(self.max_queued_tokens) as u32;
-        let queued = crate::metrics::metrics().enqueue(&rows);
+        let _queued = crate::metrics::metrics().enqueue(&rows);
         let permit = self
             .queued_tokens
             .clone()
@@ -142,14 +141,7 @@ impl Batcher {
             .map_err(|_| BatchError::ShuttingDown)?;
         let (reply, rx) = oneshot::channel();
         let n = rows.len();
-        let job = Job {
-            rows,
-            results: vec![None; n],
-            remaining: n,
-            reply,
-            _permit: permit,
-            _queued: queued,
-        };
+        let job = Job { rows, results: vec![None; n], remaining: n, reply, _permit: permit };
         self.tx.send(job).map_err(|_| BatchError::ShuttingDown)?;
         rx.await.map_err(|_| BatchError::ShuttingDown)?
     }

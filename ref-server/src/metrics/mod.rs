@@ -155,12 +155,12 @@ impl Metrics {
             ),
             queued_sequences: int_gauge(
                 "dpo_ref_queue_sequences",
-                "Sequences (responses) submitted to the batcher and not yet answered, \
+                "Sequences (responses) submitted to the batcher and not yet scored, \
                  including those waiting for room in the queue",
             ),
             queued_tokens: int_gauge(
                 "dpo_ref_queue_tokens",
-                "Row tokens submitted to the batcher and not yet answered (bounded by \
+                "Row tokens submitted to the batcher and not yet scored (bounded by \
                  --max-queued-tokens, plus requests waiting for room)",
             ),
             batch_sequences: histogram(
@@ -258,8 +258,9 @@ impl Metrics {
         self.stream_message_seconds.observe(started.elapsed().as_secs_f64());
     }
 
-    /// Counts `rows` as queued until the returned guard is dropped (the request answered,
-    /// failed or abandoned).
+    /// Counts `rows` as queued until the returned guard is dropped: held by the request
+    /// while it waits for its scores, so the count falls before the answer is sent, and
+    /// also when the request fails or its client goes away.
     pub fn enqueue(&self, rows: &[SharedPrompt]) -> QueuedWork {
         let work = QueuedWork {
             sequences: rows.iter().map(|r| r.responses.len() as i64).sum(),
