@@ -179,8 +179,8 @@ impl Metrics {
             ),
             forward_tokens: counter(
                 "dpo_ref_forward_tokens_total",
-                "Tokens run through the model by the batcher (padding excluded; a shared \
-                 prompt counted once); tokens/s is rate() of this",
+                "Tokens in the rows of the batcher's forward passes (padding excluded, a \
+                 pair's prompt once); tokens/s is rate() of this",
             ),
             forward_seconds: histogram(
                 "dpo_ref_forward_duration_seconds",
