@@ -79,7 +79,9 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     });
     let load_failed = load_in_background(&opts, engine_cell, reporter);
     let served = serve_until_shutdown(router, listener, shutdown_requested, load_failed).await;
-    exporter.inspect(tokio::task::JoinHandle::abort);
+    if let Some(exporter) = exporter {
+        exporter.abort();
+    }
     served
 }
 

@@ -136,6 +136,7 @@ impl<S, B, ResBody> Service<http::Request<B>> for GrpcMetrics<S>
 where
     S: Service<http::Request<B>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
+    ResBody: Body,
 {
     type Response = http::Response<CountedBody<ResBody>>;
     type Error = S::Error;
@@ -160,6 +161,12 @@ where
                 // Trailers-only: the status is already known and the body is empty.
                 Some(code) => {
                     call.finish(code);
+                    None
+                }
+                // Nothing will follow, so no status either: a gRPC client reads that as
+                // UNKNOWN. (The body would not be polled again to tell us.)
+                None if response.body().is_end_stream() => {
+                    call.finish(tonic::Code::Unknown as i32);
                     None
                 }
                 None => Some(call),
