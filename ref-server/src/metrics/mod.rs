@@ -284,7 +284,8 @@ impl Metrics {
         }
     }
 
-    /// The model's load state; `Serving` with the model's metadata and load time.
+    /// Sets the model's load state (serving is set by [`Metrics::model_loaded`], with the
+    /// model's identity).
     pub fn model_state(&self, state: ModelState) {
         self.model_state.set(state as i64);
     }
