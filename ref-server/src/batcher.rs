@@ -132,6 +132,7 @@ impl Batcher {
         // Validation keeps a request's sequences (which hold at least its row tokens)
         // below max_tokens_per_request <= max_queued_tokens.
         let tokens = tokens.min(self.max_queued_tokens) as u32;
+        let _queued = crate::metrics::metrics().enqueue(&rows);
         let permit = self
             .queued_tokens
             .clone()
@@ -201,6 +202,7 @@ fn run(model: Arc<Llama>, plan: Plan, mut rx: mpsc::UnboundedReceiver<Job>) {
                 }
             }
         }
+        crate::metrics::metrics().forward_pass(&rows, started.elapsed());
         if let Some(c) =
             prefixes.as_ref().filter(|c| Some(c.stats().prefixes_computed) != computed_before)
         {

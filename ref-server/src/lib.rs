@@ -7,9 +7,11 @@
 //! (model loading plus validate → batch → answer, shared by the gRPC service and the local
 //! scoring CLI), [`auth`], [`message_limit`] (the request-size limit reported as
 //! `INVALID_ARGUMENT`), [`service`] (the tonic `Reference` implementation), [`server`]
-//! (transport: listen, TLS, health, reflection, shutdown), [`score_cli`] (the JSONL scoring
-//! command) and [`health_cli`] (the health check, and the wait for a server to be SERVING),
-//! with [`connect`] (the connection flags every client command shares, from `dpo_proto`).
+//! (transport: listen, TLS, health, reflection, shutdown), [`metrics`] (Prometheus metrics
+//! of all of the above, and their `--metrics-listen` endpoint), [`score_cli`] (the JSONL
+//! scoring command) and [`health_cli`] (the health check, and the wait for a server to be
+//! SERVING), with [`connect`] (the connection flags every client command shares, from
+//! `dpo_proto`).
 //! `main.rs` only parses the command line.
 
 pub mod auth;
@@ -20,6 +22,7 @@ pub mod engine;
 pub mod eval;
 pub mod health_cli;
 pub mod message_limit;
+pub mod metrics;
 pub mod score_cli;
 pub mod server;
 pub mod service;

@@ -64,6 +64,10 @@ struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP, no token: counters only) on
+    /// this address, e.g. 0.0.0.0:9090; port 0 picks a free port (logged) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 // `--server` comes from the shared connection flags, without their default URL: the
@@ -135,6 +139,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 listen: a.listen,
                 limits: a.limits,
                 tls,
+                metrics_listen: a.metrics_listen,
             })
             .await?;
         }
@@ -250,6 +255,19 @@ mod tests {
         assert_eq!((h.wait, h.server_pid), (Some(30), Some(42)));
         // A process to watch only makes sense while waiting.
         assert!(parse(&["health", "--server-pid", "42"]).is_err());
+    }
+
+    #[test]
+    fn metrics_listen_takes_a_socket_address() {
+        let Command::Serve(s) = parse(&["serve", "--model", "m"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(s.metrics_listen, None);
+        let args = ["serve", "--model", "m", "--metrics-listen", "0.0.0.0:9090"];
+        let Command::Serve(s) = parse(&args).unwrap().command else { panic!() };
+        assert_eq!(s.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
+        let bad = parse(&["serve", "--model", "m", "--metrics-listen", "9090"]).err().unwrap();
+        assert!(bad.to_string().contains("--metrics-listen"), "{bad}");
     }
 
     #[test]

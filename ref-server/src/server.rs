@@ -1,7 +1,8 @@
 //! The transport: bind the listener, announce the address, serve `Reference` (behind the
 //! bearer-token check), `grpc.health.v1` and server reflection, optionally over TLS, load
 //! the model in the background, and shut down gracefully on SIGINT/SIGTERM (in-flight
-//! requests finish; new connections are refused).
+//! requests finish; new connections are refused). Every call is counted by the
+//! [`GrpcMetricsLayer`]; with `--metrics-listen` the metrics are served on their own port.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -14,11 +15,15 @@ use dpo_proto::v1::reference_server::ReferenceServer;
 use tonic::transport::server::Router;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
+use tower_layer::Stack;
 
 use crate::auth::BearerAuth;
 use crate::config::LimitArgs;
 use crate::engine::Engine;
 use crate::message_limit::MessageLimit;
+use crate::metrics::endpoint::MetricsEndpoint;
+use crate::metrics::grpc::GrpcMetricsLayer;
+use crate::metrics::{metrics, ModelState};
 use crate::service::ReferenceService;
 
 /// Everything `ref-server serve` needs.
@@ -31,9 +36,14 @@ pub struct ServeOptions {
     pub limits: LimitArgs,
     pub token: Option<String>,
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Where to serve Prometheus metrics (`GET /metrics`); `None`: not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 const REFERENCE_SERVICE: &str = "dpo.v1.Reference";
+
+/// Every route behind the [`GrpcMetricsLayer`].
+type MeteredRouter = Router<Stack<GrpcMetricsLayer, tower_layer::Identity>>;
 
 /// The model once loaded; the service answers `UNAVAILABLE` until it is set.
 type EngineCell = Arc<OnceLock<Arc<Engine>>>;
@@ -52,6 +62,10 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", opts.listen))?;
     let addr: SocketAddr = listener.local_addr().context("reading the bound address")?;
+    let metrics_endpoint = match opts.metrics_listen {
+        Some(at) => Some(MetricsEndpoint::bind(at).await?),
+        None => None,
+    };
 
     let (reporter, health) = tonic_health::server::health_reporter();
     set_serving(&reporter, ServingStatus::NotServing).await;
@@ -59,8 +73,16 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     let router = services(&opts, health, engine_cell.clone())?;
 
     announce(addr, &opts)?;
+    let exporter = metrics_endpoint.map(|endpoint| {
+        tracing::info!("serving Prometheus metrics on http://{}/metrics", endpoint.local_addr());
+        endpoint.spawn()
+    });
     let load_failed = load_in_background(&opts, engine_cell, reporter);
-    serve_until_shutdown(router, listener, shutdown_requested, load_failed).await
+    let served = serve_until_shutdown(router, listener, shutdown_requested, load_failed).await;
+    if let Some(exporter) = exporter {
+        exporter.abort();
+    }
+    served
 }
 
 /// The health status of the whole server and of the `Reference` service, which move
@@ -72,14 +94,14 @@ async fn set_serving(reporter: &tonic_health::server::HealthReporter, status: Se
 
 /// Every service behind one router, over TLS when a certificate is given: health,
 /// reflection (both versions grpcurl may ask for) and `Reference` behind the bearer-token
-/// check and the request-size limit.
+/// check and the request-size limit; every call counted by the metrics layer.
 fn services(
     opts: &ServeOptions,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
     engine_cell: EngineCell,
-) -> Result<Router> {
+) -> Result<MeteredRouter> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -100,7 +122,7 @@ fn services(
     );
     let reference = MessageLimit::new(reference, opts.limits.max_message_bytes);
 
-    let mut builder = Server::builder();
+    let mut builder = Server::builder().layer(GrpcMetricsLayer);
     if let Some((cert, key)) = &opts.tls {
         builder =
             builder.tls_config(tls_config(cert, key)?).context("invalid TLS certificate or key")?;
@@ -149,21 +171,26 @@ fn load_in_background(
 ) -> tokio::sync::oneshot::Receiver<anyhow::Error> {
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
     let opts = opts.clone();
+    metrics().model_state(ModelState::Loading);
     tokio::spawn(async move {
+        let started = std::time::Instant::now();
         let loaded = tokio::task::spawn_blocking(move || {
             Engine::load(&opts.model, &opts.device, &opts.dtype, &opts.limits)
         })
         .await;
         match loaded {
             Ok(Ok(engine)) => {
+                metrics().model_loaded(engine.model_info(), started.elapsed());
                 let _ = engine_cell.set(Arc::new(engine));
                 set_serving(&reporter, ServingStatus::Serving).await;
                 tracing::info!("SERVING");
             }
             Ok(Err(e)) => {
+                metrics().model_state(ModelState::Failed);
                 let _ = failed_tx.send(e);
             }
             Err(e) => {
+                metrics().model_state(ModelState::Failed);
                 let _ = failed_tx.send(anyhow::anyhow!("model loading panicked: {e}"));
             }
         }
@@ -174,7 +201,7 @@ fn load_in_background(
 /// Serves the listener until a shutdown signal (in-flight requests finish first) or a
 /// failed model load, which is returned as the error.
 async fn serve_until_shutdown(
-    router: Router,
+    router: MeteredRouter,
     listener: tokio::net::TcpListener,
     shutdown_requested: impl std::future::Future<Output = ()>,
     load_failed: tokio::sync::oneshot::Receiver<anyhow::Error>,

@@ -100,6 +100,7 @@ impl Reference for ReferenceService {
                 let Ok(slot) = slots.clone().acquire_owned().await else { return };
                 let (engine, tx) = (engine.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let started = std::time::Instant::now();
                     let id = req.request_id;
                     let resp = match engine.score(req).await {
                         Ok(r) => r,
@@ -115,6 +116,7 @@ impl Reference for ReferenceService {
                             }
                         }
                     };
+                    crate::metrics::metrics().score_stream_message(&resp, started);
                     let _ = tx.send(Ok(resp)).await;
                     drop(slot);
                 });
