@@ -278,3 +278,36 @@ impl ReferenceScorer {
         self.shared.0.lock().expect("scorer lock").cache.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use dpo_proto::fleet::Phase;
+
+    use super::*;
+
+    fn replica(url: &str, calls: u64, failures: u64) -> ReplicaStats {
+        ReplicaStats { url: url.into(), calls, failures, phase: Phase::Serving }
+    }
+
+    #[test]
+    fn the_summary_gives_each_replicas_share_only_for_a_fleet() {
+        let one = ScorerStats {
+            pairs_requested: 16,
+            requests: 4,
+            retries: 0,
+            replicas: vec![replica("http://a:1", 4, 0)],
+        };
+        assert_eq!(one.describe(), "16 pairs in 4 requests (0 retries)");
+        let fleet = ScorerStats {
+            pairs_requested: 16,
+            requests: 4,
+            retries: 1,
+            replicas: vec![replica("http://a:1", 3, 0), replica("http://b:1", 2, 1)],
+        };
+        assert_eq!(
+            fleet.describe(),
+            "16 pairs in 4 requests (1 retries); replicas: http://a:1 3 calls (60%), \
+             http://b:1 2 calls (40%, 1 failed)"
+        );
+    }
+}
