@@ -16,7 +16,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::auth::BearerAuth;
-use crate::config::LimitArgs;
+use crate::config::{LimitArgs, StoreArgs};
 use crate::engine::Engine;
 use crate::message_limit::MessageLimit;
 use crate::service::ReferenceService;
@@ -29,6 +29,7 @@ pub struct ServeOptions {
     pub dtype: String,
     pub listen: String,
     pub limits: LimitArgs,
+    pub store: StoreArgs,
     pub token: Option<String>,
     pub tls: Option<(PathBuf, PathBuf)>,
 }
@@ -151,7 +152,7 @@ fn load_in_background(
     let opts = opts.clone();
     tokio::spawn(async move {
         let loaded = tokio::task::spawn_blocking(move || {
-            Engine::load(&opts.model, &opts.device, &opts.dtype, &opts.limits)
+            Engine::load(&opts.model, &opts.device, &opts.dtype, &opts.limits, &opts.store)
         })
         .await;
         match loaded {
