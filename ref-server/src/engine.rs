@@ -298,7 +298,11 @@ impl Engine {
         .await
         .map_err(|e| Invalid(format!("validation failed unexpectedly: {e}")))??;
         let scores = match &self.store {
-            None => self.forward(&prepared.seqs, &prepared.responses_per_item).await?,
+            None => {
+                let scores = self.forward(&prepared.seqs, &prepared.responses_per_item).await?;
+                self.stats.add_misses(scores.len());
+                scores
+            }
             Some(store) => self.score_through_store(store, &prepared).await?,
         };
         let mut scores = scores.into_iter();
@@ -566,7 +570,7 @@ mod tests {
         assert!(once > forward_tokens, "{once} vs {forward_tokens}");
         plain.score(request(false)).await.unwrap();
         let s = stats(&plain);
-        assert_eq!((s.store_path, s.hits, s.misses), (None, 0, 0));
+        assert_eq!((s.store_path, s.hits, s.misses), (None, 0, 12));
         assert_eq!(s.forward_tokens, 2 * once);
     }
 

@@ -35,7 +35,7 @@ pub struct ScoreStatsSnapshot {
 }
 
 impl ScoreStats {
-    /// Counters of a server without a store: only forward tokens count.
+    /// Counters of a server without a store: every response is a miss.
     pub fn without_store() -> ScoreStats {
         ScoreStats::default()
     }
