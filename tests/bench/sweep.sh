@@ -79,7 +79,8 @@ start_server() {
     addr=$(sed -n 's/^listening on //p' "$work/$name.server.out")
   done
   url="http://$addr"
-  "$bin/ref-server" health --server "$url" --wait 600 --server-pid "${server_pids[-1]}" >/dev/null \
+  "$bin/ref-server" health --server "$url" --wait 600 --server-pid "${server_pids[-1]}" \
+    >/dev/null 2>>"$work/$name.server.log" \
     || { cat "$work/$name.server.log" >&2; exit 1; }
 }
 
