@@ -25,6 +25,8 @@
 #   --dtype D             f32|bf16|f16 for both models (default f32); --ref-dtype D: server only
 #   --listen ADDR:PORT    ref-server address (default 127.0.0.1:0 for `all`, 0.0.0.0:50051 for `ref`)
 #   --ref-server URL      (train) the server to use; `none` for a reference-free loss
+#   --score-store FILE    the server's score store (all: default OUT/score-store.redb); give
+#                         runs of a sweep the same FILE to compute reference scores once
 #   --loss SPEC           passed on; a reference-free one (simpo, sft) starts no server
 #   --auth-token-file F   bearer token file (server and client); or set DPO_AUTH_TOKEN
 #   --tls-cert F --tls-key F   (ref) serve TLS;  --tls-ca F  (train) trust this CA
@@ -38,10 +40,11 @@ cd "$root"
 mode=all
 case ${1:-} in
   all|ref|train) mode=$1; shift ;;
-  -h|--help) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 
 model="" data="" hh_dir="" out="" ref_device="" device="" listen="" ref_server="" dtype="" ref_dtype="" loss=""
+score_store=""
 auth_file="" tls_cert="" tls_key="" tls_ca=""
 pass=()
 need() { [[ $# -ge 2 ]] || { echo "run.sh: $1 needs a value" >&2; exit 2; }; }
@@ -57,6 +60,7 @@ while [[ $# -gt 0 ]]; do
     --ref-dtype) need "$@"; ref_dtype=$2; shift 2 ;;
     --listen) need "$@"; listen=$2; shift 2 ;;
     --ref-server) need "$@"; ref_server=$2; shift 2 ;;
+    --score-store) need "$@"; score_store=$2; shift 2 ;;
     --auth-token-file) need "$@"; auth_file=$2; shift 2 ;;
     --tls-cert) need "$@"; tls_cert=$2; shift 2 ;;
     --tls-key) need "$@"; tls_key=$2; shift 2 ;;
@@ -95,6 +99,7 @@ start_server_args() {
   [[ -n $auth_file ]] && server_args+=(--auth-token-file "$auth_file")
   [[ -n $tls_cert ]] && server_args+=(--tls-cert "$tls_cert")
   [[ -n $tls_key ]] && server_args+=(--tls-key "$tls_key")
+  [[ -n $score_store ]] && server_args+=(--score-store "$score_store")
   return 0
 }
 
@@ -164,7 +169,9 @@ if [[ $ref_server == none ]]; then
   exec "$bin/policy-trainer" "${train_args[@]}" --ref-server none "${pass[@]}"
 fi
 
-# mode all: our own server on an ephemeral loopback port.
+# mode all: our own server on an ephemeral loopback port, keeping its scores in the run
+# directory unless told where.
+score_store=${score_store:-$out/score-store.redb}
 start_server_args "${listen:-127.0.0.1:0}"
 server_out="$out/ref-server.stdout"
 server_log="$out/ref-server.log"

@@ -22,7 +22,7 @@ use dpo_common::logprob::{response_logprobs, Sequence};
 use dpo_common::template::Template;
 use dpo_proto::client::{ClientOptions, ReplicaClient, TokenPair};
 use dpo_proto::v1;
-use ref_server::config::LimitArgs;
+use ref_server::config::{LimitArgs, StoreArgs};
 use ref_server::engine::Engine;
 
 #[derive(Parser)]
@@ -121,7 +121,7 @@ async fn async_main() -> Result<()> {
     let args = Args::parse();
     let (model, hh) = (args.model.clone(), args.hh.clone());
     let engine = tokio::task::spawn_blocking(move || {
-        Engine::load(&model, "cpu", "f32", &LimitArgs::default_for_cli())
+        Engine::load(&model, "cpu", "f32", &LimitArgs::default_for_cli(), &StoreArgs::none())
     })
     .await??;
     let engine = Arc::new(engine);

@@ -1,5 +1,8 @@
 //! The server's limits, given on the command line and validated once against the model
-//! before anything is served. Every other module reads them from [`Limits`].
+//! before anything is served. Every other module reads them from [`Limits`]. The score
+//! store's flags are [`StoreArgs`].
+
+use std::path::PathBuf;
 
 /// Limits as given on the command line; unset ones get defaults that depend on the model.
 #[derive(Debug, Clone, clap::Args)]
@@ -33,6 +36,39 @@ pub struct LimitArgs {
     /// room (bounds memory under load) [default: 4 × --max-tokens-per-request].
     #[arg(long)]
     pub max_queued_tokens: Option<usize>,
+}
+
+/// The score store (`--score-store`): reference scores kept in a file across requests, runs
+/// and restarts. Without it every request is computed.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct StoreArgs {
+    /// Keep every computed score in this file (a redb database, created if missing) and
+    /// answer a response asked for again from it, without a forward pass [default: no store].
+    #[arg(long)]
+    pub score_store: Option<PathBuf>,
+    /// Bound on the store's entries, in MiB; beyond it the least recently used go.
+    #[arg(long, default_value_t = 1024, requires = "score_store")]
+    pub score_store_max_mb: u64,
+    /// Start with an empty store, replacing the file (one of another model, or unreadable).
+    #[arg(long, requires = "score_store")]
+    pub score_store_reset: bool,
+}
+
+impl StoreArgs {
+    /// No store (in-process scoring, tests).
+    pub fn none() -> StoreArgs {
+        StoreArgs { score_store: None, score_store_max_mb: 1024, score_store_reset: false }
+    }
+
+    /// The bound in bytes; at least 1 MiB.
+    pub fn max_bytes(&self) -> Result<u64, String> {
+        if self.score_store_max_mb == 0 {
+            return Err("--score-store-max-mb must be at least 1".into());
+        }
+        self.score_store_max_mb
+            .checked_mul(1 << 20)
+            .ok_or_else(|| format!("--score-store-max-mb {} is too large", self.score_store_max_mb))
+    }
 }
 
 /// Validated limits.

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use dpo_common::template::Template;
 use dpo_proto::token::load_token;
-use ref_server::config::LimitArgs;
+use ref_server::config::{LimitArgs, StoreArgs};
 use ref_server::connect::ConnectArgs;
 use ref_server::engine::Engine;
 use ref_server::health_cli::{self, HealthArgs};
@@ -54,6 +54,8 @@ struct ServeArgs {
     listen: String,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten, next_help_heading = "Score store")]
+    store: StoreArgs,
     /// File holding the bearer token clients must send (else env DPO_AUTH_TOKEN; neither:
     /// no authentication).
     #[arg(long)]
@@ -138,6 +140,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 dtype: a.dtype,
                 listen: a.listen,
                 limits: a.limits,
+                store: a.store,
                 tls,
                 metrics_listen: a.metrics_listen,
             })
@@ -150,7 +153,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 Some(model) => {
                     let (model, device, dtype) = (model.clone(), a.device.clone(), a.dtype.clone());
                     let engine = tokio::task::spawn_blocking(move || {
-                        Engine::load(&model, &device, &dtype, &LimitArgs::default_for_cli())
+                        Engine::load(
+                            &model,
+                            &device,
+                            &dtype,
+                            &LimitArgs::default_for_cli(),
+                            &StoreArgs::none(),
+                        )
                     })
                     .await
                     .context("model loading panicked")??;
@@ -193,6 +202,18 @@ fn info_json(i: &dpo_proto::client::ModelInfo) -> serde_json::Value {
         "max_items_per_request": i.max_items_per_request,
         "max_message_bytes": i.max_message_bytes,
         "batch_token_budget": i.batch_token_budget,
+        "score_store": i.score_store.as_ref().map(|s| serde_json::json!({
+            "enabled": s.enabled,
+            "path": s.path,
+            "entries": s.entries,
+            "bytes": s.bytes,
+            "max_bytes": s.max_bytes,
+            "hits": s.hits,
+            "misses": s.misses,
+            "single_flight_waits": s.single_flight_waits,
+            "evictions": s.evictions,
+            "forward_tokens": s.forward_tokens,
+        })),
     })
 }
 
@@ -268,6 +289,22 @@ mod tests {
         assert_eq!(s.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
         let bad = parse(&["serve", "--model", "m", "--metrics-listen", "9090"]).err().unwrap();
         assert!(bad.to_string().contains("--metrics-listen"), "{bad}");
+    }
+
+    #[test]
+    fn the_score_store_is_off_unless_named() {
+        let Command::Serve(s) = parse(&["serve", "--model", "m"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!((s.store.score_store, s.store.score_store_max_mb), (None, 1024));
+        let args =
+            ["serve", "--model", "m", "--score-store", "s.redb", "--score-store-max-mb", "64"];
+        let Command::Serve(s) = parse(&args).unwrap().command else { panic!() };
+        assert_eq!(s.store.score_store, Some(PathBuf::from("s.redb")));
+        assert_eq!(s.store.max_bytes(), Ok(64 << 20));
+        // The store's other flags mean nothing without one.
+        assert!(parse(&["serve", "--model", "m", "--score-store-reset"]).is_err());
+        assert!(parse(&["serve", "--model", "m", "--score-store-max-mb", "8"]).is_err());
     }
 
     #[test]

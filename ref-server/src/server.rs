@@ -18,12 +18,12 @@ use tonic_health::ServingStatus;
 use tower_layer::Stack;
 
 use crate::auth::BearerAuth;
-use crate::config::LimitArgs;
+use crate::config::{LimitArgs, StoreArgs};
 use crate::engine::Engine;
 use crate::message_limit::MessageLimit;
 use crate::metrics::endpoint::MetricsEndpoint;
 use crate::metrics::grpc::GrpcMetricsLayer;
-use crate::metrics::{metrics, ModelState};
+use crate::metrics::{metrics, ModelState, StoreCounters};
 use crate::service::ReferenceService;
 
 /// Everything `ref-server serve` needs.
@@ -34,6 +34,7 @@ pub struct ServeOptions {
     pub dtype: String,
     pub listen: String,
     pub limits: LimitArgs,
+    pub store: StoreArgs,
     pub token: Option<String>,
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Where to serve Prometheus metrics (`GET /metrics`); `None`: not served.
@@ -175,12 +176,23 @@ fn load_in_background(
     tokio::spawn(async move {
         let started = std::time::Instant::now();
         let loaded = tokio::task::spawn_blocking(move || {
-            Engine::load(&opts.model, &opts.device, &opts.dtype, &opts.limits)
+            Engine::load(&opts.model, &opts.device, &opts.dtype, &opts.limits, &opts.store)
         })
         .await;
         match loaded {
             Ok(Ok(engine)) => {
-                metrics().model_loaded(engine.model_info(), started.elapsed());
+                metrics().model_loaded(&engine.model_info(), started.elapsed());
+                // The store's counters, read at every scrape.
+                let stats = Arc::clone(engine.score_stats());
+                metrics().set_store_source(move || {
+                    let s = stats.snapshot();
+                    StoreCounters {
+                        hits: s.hits,
+                        misses: s.misses,
+                        single_flight_waits: s.single_flight_waits,
+                        evictions: s.evictions,
+                    }
+                });
                 let _ = engine_cell.set(Arc::new(engine));
                 set_serving(&reporter, ServingStatus::Serving).await;
                 tracing::info!("SERVING");

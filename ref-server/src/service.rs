@@ -43,7 +43,7 @@ impl ReferenceService {
 /// model notices.
 fn answer<T>(engine: &Engine, body: T) -> Response<T> {
     let mut response = Response::new(body);
-    if let Ok(value) = engine.model_info().fingerprint.parse() {
+    if let Ok(value) = engine.fingerprint().parse() {
         response.metadata_mut().insert(MODEL_FINGERPRINT_HEADER, value);
     }
     response
@@ -148,6 +148,6 @@ impl Reference for ReferenceService {
         _request: Request<v1::ModelInfoRequest>,
     ) -> Result<Response<v1::ModelInfoResponse>, Status> {
         let engine = self.engine()?;
-        Ok(answer(&engine, engine.model_info().clone()))
+        Ok(answer(&engine, engine.model_info()))
     }
 }

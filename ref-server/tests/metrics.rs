@@ -182,6 +182,9 @@ async fn metrics_count_calls_by_method_and_code() {
         let name = format!("dpo_ref_store_{name}_total");
         assert!(sample(&text, &name, &[]).is_some(), "{name} missing");
     }
+    // ...and read the server's: without a store, every scored response is a miss.
+    let misses = sample(&text, "dpo_ref_store_misses_total", &[]).unwrap();
+    assert!(misses >= 1.0, "the store counters are not wired: misses {misses}");
 
     // Nothing else is served there.
     let (status, _, body) = http_get(&metrics_addr, "/").await;

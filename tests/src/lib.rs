@@ -44,8 +44,20 @@ impl Server {
     /// [`Server::start`] listening on `listen` (a fixed address, for a server started
     /// again where clients expect it).
     pub fn start_at(listen: &str, model: &Path, extra: &[&str], log_dir: &Path) -> Server {
+        Self::start_with_env(listen, model, extra, &[], log_dir)
+    }
+
+    /// [`Server::start_at`] with environment variables set for the server (test hooks).
+    pub fn start_with_env(
+        listen: &str,
+        model: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> Server {
         let log = log_dir.join("ref-server.log");
         let mut child = Command::new(binary("ref-server"))
+            .envs(env.iter().copied())
             .arg("serve")
             .arg("--model")
             .arg(model)
