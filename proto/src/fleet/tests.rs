@@ -354,3 +354,33 @@ async fn an_unreachable_fleet_is_named_with_the_last_reason() {
     assert!(matches!(err, ClientError::NotServing { answered: false, .. }), "{msg}");
     assert!(msg.contains(&url) && msg.contains("unreachable"), "{msg}");
 }
+
+/// A replica that appears later (as through `dns:///`) with another model is refused and
+/// never called; the fleet goes on with the others.
+#[tokio::test]
+async fn a_replica_appearing_with_another_model_is_never_used() {
+    let a = replica("sha256:aaa", Duration::ZERO).await;
+    let b = replica("sha256:bbb", Duration::ZERO).await;
+    let client =
+        RefClient::connect_waiting(&options(a.url(), Duration::from_secs(10))).await.unwrap();
+    client.shared.add(&Target::Url(b.url()), b.url());
+    let refused = Instant::now() + Duration::from_secs(10);
+    while !client
+        .replicas()
+        .iter()
+        .any(|r| r.url == b.url() && matches!(r.phase, Phase::Refused(_)))
+    {
+        assert!(Instant::now() < refused, "{:?}", client.replicas());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in 0..20 {
+        score(&client, n).await.unwrap();
+    }
+    assert_eq!(b.calls(), 0, "a replica of another model was called");
+    let stats = client.replicas();
+    let Phase::Refused(why) = &stats.iter().find(|r| r.url == b.url()).unwrap().phase else {
+        unreachable!()
+    };
+    let why = why.to_string();
+    assert!(why.contains("sha256:aaa") && why.contains("sha256:bbb"), "{why}");
+}
