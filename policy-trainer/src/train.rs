@@ -21,6 +21,7 @@ use dpo_common::device::parse_device;
 use dpo_common::logprob::SharedPrompt;
 use dpo_common::memory;
 use dpo_common::model::backward::{self, PrefixPass};
+use dpo_common::model::lora::{self, LoraAdapters, LoraTarget};
 use dpo_common::model::{grad_ops, load_model, parse_dtype, Llama, LoadedModel, Mode};
 use dpo_common::sround::update_seed;
 use dpo_common::tokenizer::LlamaTokenizer;
@@ -103,7 +104,7 @@ impl Trainer {
         let device = parse_device(&args.device)?;
         let dtype = parse_dtype(&args.dtype)?;
         let (policy, tokenizer, fingerprint) =
-            load_policy(&args, resumed.is_some(), dtype, &device)?;
+            load_policy(&args, resumed.as_ref(), dtype, &device)?;
         let start_fingerprint =
             resumed.as_ref().map(|s| s.start_fingerprint.clone()).unwrap_or(fingerprint);
         let scorer = if loss.needs_reference() {
@@ -307,7 +308,8 @@ impl Trainer {
             value,
             eval: serde_json::to_value(record)?,
         };
-        checkpoint::save_best(&self.args.out, &self.policy, &self.tokenizer, &meta)?;
+        let (out, base) = (&self.args.out, &self.args.model);
+        checkpoint::save_best(out, &self.policy, &self.tokenizer, base, &meta)?;
         Ok(true)
     }
 
@@ -329,15 +331,20 @@ impl Trainer {
             &self.args.out,
             &self.policy,
             &self.tokenizer,
+            &self.args.model,
             &self.optimizer,
             &self.state,
         )?;
         Ok(())
     }
 
-    /// Ends the run: the cache flushed, the reference's statistics logged, the summary.
+    /// Ends the run: the cache flushed, the reference's statistics logged, `merged/` written
+    /// if asked, the summary.
     pub fn finish(self) -> Result<RunSummary> {
         self.progress.finish();
+        if self.args.save_merged {
+            self.save_merged()?;
+        }
         let reference = match &self.scorer {
             Some(scorer) => {
                 scorer.flush_cache()?;
@@ -361,6 +368,25 @@ impl Trainer {
             final_eval: self.last_eval,
             outputs: RunOutputs::found_in(&self.args.out),
         })
+    }
+}
+
+impl Trainer {
+    /// `--save-merged`: the base with the best adapter (from `best/`; the current one if no
+    /// evaluation saved any) merged into its weights, as `OUT/merged/`.
+    fn save_merged(&self) -> Result<()> {
+        let best = checkpoint::best_dir(&self.args.out);
+        let policy = if checkpoint::holds_adapter(&best) {
+            let (cfg, dtype, device) =
+                (self.policy.config(), self.policy.dtype(), self.policy.device());
+            let adapters = lora::load_peft(&best, cfg, dtype, device)?;
+            self.policy.without_lora().with_lora(adapters)?
+        } else {
+            self.policy.clone()
+        };
+        let dir = checkpoint::save_merged(&self.args.out, &policy, &self.tokenizer)?;
+        eprintln!("merged the adapter into the base: {}", dir.display());
+        Ok(())
     }
 }
 
@@ -588,20 +614,91 @@ fn check_out_dir(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads the policy: from `--model` on a fresh start, from `last/` on resume. Returns it
-/// with its tokenizer and fingerprint.
+/// Loads the policy: from `--model` on a fresh start, from `last/` on resume; under LoRA
+/// the base from `--model` with fresh adapters, or those of `last/` on resume. Returns it
+/// with its tokenizer and fingerprint (under LoRA, the base's: what the reference must hold).
 fn load_policy(
     args: &TrainArgs,
-    resuming: bool,
+    resumed: Option<&TrainerState>,
     dtype: DType,
     device: &Device,
 ) -> Result<(Llama, LlamaTokenizer, String)> {
-    let path = if resuming { checkpoint::last_dir(&args.out) } else { args.model.clone() };
-    tracing::info!("loading the policy from {}", path.display());
-    let LoadedModel { model, tokenizer, fingerprint, .. } =
-        load_model(&path, Mode::Trainable, dtype, device)
-            .with_context(|| format!("cannot load the policy from {}", path.display()))?;
-    Ok((model, tokenizer, fingerprint))
+    let last = checkpoint::last_dir(&args.out);
+    let lora = args.lora_config()?;
+    if resumed.is_some() {
+        match (&lora, checkpoint::holds_adapter(&last)) {
+            (Some(_), false) => bail!(
+                "--resume with --lora-rank {}: {} holds a full fine-tuning run, not LoRA \
+                 adapters; resume it without --lora-rank",
+                args.lora_rank,
+                last.display()
+            ),
+            (None, true) => bail!(
+                "--resume: {} holds LoRA adapters; resume with the run's --lora-rank (and \
+                 --lora-alpha, --lora-targets)",
+                last.display()
+            ),
+            _ => {}
+        }
+    }
+    let Some(lora) = lora else {
+        let path = if resumed.is_some() { last } else { args.model.clone() };
+        tracing::info!("loading the policy from {}", path.display());
+        let LoadedModel { model, tokenizer, fingerprint, .. } =
+            load_model(&path, Mode::Trainable, dtype, device)
+                .with_context(|| format!("cannot load the policy from {}", path.display()))?;
+        return Ok((model, tokenizer, fingerprint));
+    };
+
+    tracing::info!("loading the frozen base from {}", args.model.display());
+    let LoadedModel { model: base, tokenizer, fingerprint, .. } =
+        load_model(&args.model, Mode::Frozen, dtype, device)
+            .with_context(|| format!("cannot load the base model from {}", args.model.display()))?;
+    lora.validate(base.config())
+        .with_context(|| format!("--lora-rank / --lora-targets on {}", args.model.display()))?;
+    let adapters = match resumed {
+        None => LoraAdapters::init(base.config(), lora.clone(), args.seed, dtype, device)?,
+        Some(state) => {
+            anyhow::ensure!(
+                state.start_fingerprint == fingerprint,
+                "--resume: --model {} ({fingerprint}) is not the base the run in {} started \
+                 from ({})",
+                args.model.display(),
+                args.out.display(),
+                state.start_fingerprint
+            );
+            let adapters = lora::load_peft(&last, base.config(), dtype, device)
+                .with_context(|| format!("cannot load the adapters from {}", last.display()))?;
+            let saved = adapters.config();
+            anyhow::ensure!(
+                (saved.rank, saved.alpha, &saved.targets) == (lora.rank, lora.alpha, &lora.targets),
+                "--resume: the adapters in {} have rank {}, alpha {} and targets {}, the flags \
+                 ask for rank {}, alpha {} and targets {}",
+                last.display(),
+                saved.rank,
+                saved.alpha,
+                target_names(&saved.targets),
+                lora.rank,
+                lora.alpha,
+                target_names(&lora.targets)
+            );
+            adapters
+        }
+    };
+    let trainable: usize = adapters.vars().iter().map(|v| v.elem_count()).sum();
+    eprintln!(
+        "LoRA: rank {}, alpha {} (scale {}), on {}: {trainable} trainable parameters, the base \
+         frozen",
+        lora.rank,
+        lora.alpha,
+        lora.scale(),
+        target_names(&lora.targets)
+    );
+    Ok((base.with_lora(adapters)?, tokenizer, fingerprint))
+}
+
+fn target_names(targets: &[LoraTarget]) -> String {
+    targets.iter().map(|t| t.name()).collect::<Vec<_>>().join(",")
 }
 
 /// Connects to the reference server and checks that it holds the model the policy started

@@ -429,6 +429,16 @@ impl Llama {
         Ok(self)
     }
 
+    /// The model without its LoRA adapters (the same weights, shared): the frozen base.
+    /// A model without adapters is returned as it is.
+    pub fn without_lora(&self) -> Llama {
+        let mut base = self.clone();
+        if base.lora.take().is_some() {
+            base.vars = Vec::new();
+        }
+        base
+    }
+
     /// The model's LoRA adapters, if it has some.
     pub fn lora(&self) -> Option<&LoraAdapters> {
         self.lora.as_ref()

@@ -294,7 +294,9 @@ impl LoraAdapters {
         let mut vars = Vec::new();
         for layer in 0..cfg.num_hidden_layers {
             let mut slots: [Option<LoraAdapter>; 7] = Default::default();
-            for &t in &config.targets {
+            // In `ALL` order whatever the configuration's order: the variables' order must
+            // be `named_tensors`'.
+            for t in LoraTarget::ALL.into_iter().filter(|t| config.targets.contains(t)) {
                 let (out, inp) = t.shape(cfg);
                 let (na, nb) = t.adapter_names(layer);
                 let mut take = |name: String, shape: [usize; 2]| -> Result<Tensor> {

@@ -1,0 +1,206 @@
+//! LoRA end to end: `ref-server` with a tiny random Llama, `policy-trainer train
+//! --lora-rank 4` against it.
+//!
+//! Checks: the step-0 loss is ln 2 (PEFT's initialisation leaves the policy the reference,
+//! and the fingerprint check passes on the base); the run learns; `best/` and `last/` hold
+//! PEFT adapters (config and tensor names) and the base is untouched; `merged/` scores
+//! what base + best adapter score; a crashed LoRA run resumes with the uninterrupted run's
+//! losses; bad flags and a resume across full fine-tuning and LoRA are refused by name.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device};
+use dpo_common::logprob::{shared_prompt_logprobs, SharedPrompt};
+use dpo_common::model::lora::{self, LoraTarget};
+use dpo_common::model::{load_model, Mode};
+use dpo_common::testing::{workspace_root, write_tiny_checkpoint, TinySpec};
+use dpo_tests::{binary, read_jsonl, Server};
+use policy_trainer::metrics::METRICS_FILE;
+use serde_json::Value;
+
+fn fixture() -> PathBuf {
+    workspace_root().join("tests/fixtures/prefs_small.jsonl")
+}
+
+fn trainer_args(model: &Path, url: &str, out: &Path, max_steps: usize) -> Vec<String> {
+    let (steps, data) = (max_steps.to_string(), fixture());
+    let args = [
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--ref-server",
+        url,
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--template",
+        "raw",
+        "--max-length",
+        "128",
+        "--val-size",
+        "16",
+        "--batch-size",
+        "8",
+        "--micro-batch",
+        "4",
+        "--lr",
+        "1e-2",
+        "--beta",
+        "0.5",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--epochs",
+        "3",
+        "--max-steps",
+        &steps,
+        "--seed",
+        "7",
+        "--no-progress",
+        "--lora-rank",
+        "4",
+    ];
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn run(args: &[String], extra: &[&str]) -> Output {
+    Command::new(binary("policy-trainer")).args(args).args(extra).output().unwrap()
+}
+
+fn kind(records: &[Value], k: &str) -> Vec<Value> {
+    records.iter().filter(|r| r["kind"] == k).cloned().collect()
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+#[test]
+fn lora_trains_saves_peft_adapters_merges_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    write_tiny_checkpoint(&model, &TinySpec::default(), DType::F32, None).unwrap();
+    let server = Server::start(&model, &[], dir.path());
+
+    let full = dir.path().join("full");
+    let out = run(&trainer_args(&model, &server.url, &full, 8), &["--save-merged"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "LoRA run failed:\n{stderr}");
+    assert!(stderr.contains("LoRA: rank 4, alpha 8 (scale 2)"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("LoRA adapters in PEFT's format"), "{stdout}");
+    assert!(stdout.contains("merged:"), "{stdout}");
+
+    let records = read_jsonl(&full.join(METRICS_FILE));
+    let (evals, trains) = (kind(&records, "eval"), kind(&records, "train"));
+    assert_eq!(trains.len(), 8);
+    let ln2 = std::f64::consts::LN_2;
+    let e0 = &evals[0];
+    assert!((f(e0, "loss") - ln2).abs() < 1e-5, "step-0 loss {}", f(e0, "loss"));
+    assert!((f(e0, "loss_min") - ln2).abs() < 1e-5 && (f(e0, "loss_max") - ln2).abs() < 1e-5);
+    assert!((f(&trains[0], "loss") - ln2).abs() < 1e-5, "first step's training loss");
+    assert!(f(evals.last().unwrap(), "loss") < ln2 - 0.02, "validation loss did not fall");
+
+    // best/ and last/ are PEFT adapter directories for the base.
+    for sub in ["best", "last"] {
+        let d = full.join(sub);
+        let config: Value =
+            serde_json::from_slice(&std::fs::read(d.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(config["peft_type"], "LORA");
+        assert_eq!(config["r"], 4);
+        assert_eq!(config["lora_alpha"], 8.0);
+        assert_eq!(config["base_model_name_or_path"], model.to_str().unwrap());
+        assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
+        assert!(!d.join("model.safetensors").exists(), "{sub}/ holds the adapter only");
+        let st = candle_core::safetensors::load(d.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+        assert_eq!(st.len(), 2 * 7 * 2);
+        let b = &st["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"];
+        assert_eq!(b.dims(), [32, 4]);
+        assert!(b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    }
+    assert!(full.join("last/optimizer.safetensors").exists());
+    let state =
+        candle_core::safetensors::load(full.join("last/optimizer.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(state.len(), 2 * 7 * 2, "RMSprop state for the adapters only");
+
+    // merged/ scores what the base with best/'s adapter does.
+    let base = load_model(&model, Mode::Frozen, DType::F32, &Device::Cpu).unwrap();
+    let adapters =
+        lora::load_peft(&full.join("best"), base.model.config(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(adapters.config().targets, LoraTarget::ALL.to_vec());
+    let adapted = base.model.clone().with_lora(adapters).unwrap();
+    let merged = load_model(&full.join("merged"), Mode::Frozen, DType::F32, &Device::Cpu).unwrap();
+    let rows = [SharedPrompt { prompt: vec![5, 6, 7, 8], responses: vec![vec![9, 10], vec![11]] }];
+    let a = shared_prompt_logprobs(&adapted, &rows).unwrap().sums_vec().unwrap();
+    let m = shared_prompt_logprobs(&merged.model, &rows).unwrap().sums_vec().unwrap();
+    let b = shared_prompt_logprobs(&base.model, &rows).unwrap().sums_vec().unwrap();
+    for ((x, y), z) in a.iter().zip(&m).zip(&b) {
+        assert!((x - y).abs() < 1e-4, "merged {y} vs adapted {x}");
+        assert!((x - z).abs() > 1e-4, "the adapter should have changed the log-probs");
+    }
+
+    // Crashed after step 5 (last/ at step 4), resumed: the uninterrupted run's losses.
+    let killed = dir.path().join("killed");
+    let args = trainer_args(&model, &server.url, &killed, 8);
+    let crashed = Command::new(binary("policy-trainer"))
+        .args(&args)
+        .env("DPO_TEST_CRASH_AFTER_STEP", "5")
+        .output()
+        .unwrap();
+    assert!(!crashed.status.success(), "the crash hook did not fire");
+
+    // A LoRA run does not resume as full fine-tuning, nor with other adapter flags.
+    let no_lora: Vec<String> = args[..args.len() - 2].to_vec();
+    let out = run(&no_lora, &["--resume"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("holds LoRA adapters"), "{err}");
+    let out = run(&args, &["--resume", "--lora-alpha", "16"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("alpha 8"), "{err}");
+
+    let out = run(&args, &["--resume"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "resume failed:\n{stderr}");
+    assert!(stderr.contains("resuming at step 4"), "{stderr}");
+    let resumed = kind(&read_jsonl(&killed.join(METRICS_FILE)), "train");
+    assert_eq!(resumed.len(), 8);
+    for (a, b) in resumed.iter().zip(&trains) {
+        let (la, lb) = (f(a, "loss"), f(b, "loss"));
+        assert!((la - lb).abs() < 1e-5 * lb.abs().max(1.0), "step {}: {la} vs {lb}", a["step"]);
+    }
+
+    // A full fine-tuning run does not resume as LoRA.
+    let ft = dir.path().join("ft");
+    let ft_args: Vec<String> = trainer_args(&model, &server.url, &ft, 2)[..args.len() - 2].to_vec();
+    let out = run(&ft_args, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&trainer_args(&model, &server.url, &ft, 2), &["--resume"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("full fine-tuning run"), "{err}");
+}
+
+#[test]
+fn bad_lora_flags_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    write_tiny_checkpoint(&model, &TinySpec::default(), DType::F32, None).unwrap();
+    // No server: each of these fails before one is needed.
+    let args = |out: &str| trainer_args(&model, "none", &dir.path().join(out), 1);
+    let fails = |extra: &[&str], out: &str, wanted: &[&str]| {
+        let o = run(&args(out), &[&["--loss", "simpo"][..], extra].concat());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?} should fail");
+        for w in wanted {
+            assert!(err.contains(w), "{extra:?}: `{w}` not in:\n{err}");
+        }
+    };
+    fails(&["--lora-targets", "q_proj,qkv"], "a", &["--lora-targets", "qkv", "down_proj"]);
+    // The tiny model's k_proj is 16 × 32.
+    fails(&["--lora-rank", "17"], "b", &["--lora-rank", "rank 17", "k_proj"]);
+    fails(&["--lora-dropout", "0.1"], "c", &["--lora-dropout"]);
+}
