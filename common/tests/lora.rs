@@ -311,3 +311,33 @@ fn bad_configurations_are_named() {
             .unwrap();
     assert!(trainable.with_lora(adapters).is_err());
 }
+
+/// bf16 weights and adapters (the large-model setting), f32 gradient sums: the adapters'
+/// gradients are those of autograd through the same bf16 forward, up to bf16 rounding, and
+/// near f32's.
+#[test]
+fn bf16_adapter_gradients_follow_autograd_and_f32() {
+    let g = groups();
+    let w = dsums(2 * g.len());
+    let run = |dtype: DType| {
+        let m = base(dtype);
+        let m = m.clone().with_lora(trained_adapters(&m, &LoraTarget::ALL)).unwrap();
+        let mut grads = zero_grads(&m).unwrap();
+        backward(forward_shared(&m, &g, true).unwrap(), &w, &mut grads).unwrap();
+        (m, grads)
+    };
+    let (m32, f32_grads) = run(DType::F32);
+    let (m16, got) = run(DType::BF16);
+    assert!(got.iter().all(|g| g.dtype() == DType::F32));
+    let autograd = autograd_grads(&m16, &sequences(&g), &w);
+    let worst = |a: &[Tensor], b: &[Tensor]| {
+        a.iter().zip(b).map(|(x, y)| rel_err(x, y)).fold(0f64, f64::max)
+    };
+    eprintln!(
+        "bf16: worst relative error against bf16 autograd {:.3e}, against f32 {:.3e}",
+        worst(&got, &autograd),
+        worst(&got, &f32_grads)
+    );
+    assert_close(&m16, &got, &autograd, 5e-2, "bf16 vs bf16 autograd");
+    assert_close(&m32, &got, &f32_grads, 1e-1, "bf16 vs f32");
+}

@@ -821,11 +821,14 @@ fn check_memory(
 ) -> Result<()> {
     // A pair is one row: prompt, chosen, rejected.
     let longest = train.iter().chain(val).map(|p| shared_row(p).row_len()).max().unwrap_or(0);
-    let config = memory_config(args, device, dtype, longest);
+    let mut config = memory_config(args, device, dtype, longest);
+    config.adapters = policy.lora().map(|l| memory::adapter_sizes(policy.config(), l.config()));
     let plan = memory::predict_peak_bytes(policy.config(), &config);
+    let trains =
+        if config.adapters.is_some() { "LoRA adapters on a frozen base" } else { "every weight" };
     eprintln!(
-        "policy, micro-batch {} of {longest}-token pair rows (gradients {:?}, RMSprop state \
-         {:?}): {plan}",
+        "policy, micro-batch {} of {longest}-token pair rows ({trains}; gradients {:?}, \
+         RMSprop state {:?}): {plan}",
         args.micro_batch, config.grad_dtype, config.optim_state_dtype
     );
     if let Some(free) = memory::available_bytes(device) {
@@ -1019,6 +1022,39 @@ mod tests {
             );
             assert_eq!(stats.count, batch.len());
         }
+    }
+
+    /// LoRA in the memory model: Llama 3.1 8B with r = 16 adapters on every projection, bf16
+    /// weights, on one 24 GB GPU (23 GiB: a 24 GB card's 23.99 GiB less the CUDA context),
+    /// micro-batch 1 of 1,024-token rows: the adapters' gradients and RMSprop state are
+    /// tens of MB, the bf16 base 15 GiB, and the run fits with checkpointing.
+    #[test]
+    fn eight_b_lora_fits_a_24_gb_gpu() {
+        let cfg = dpo_common::testing::llama31_8b_config();
+        let args = parse_args(&["--lora-rank", "16", "--dtype", "bf16"]);
+        let lora = args.lora_config().unwrap().unwrap();
+        assert_eq!(lora.alpha, 32.0, "the default alpha is 2 × rank");
+        let sizes = memory::adapter_sizes(&cfg, &lora);
+        // PEFT's count for this config (print_trainable_parameters): 41,943,040.
+        assert_eq!(sizes.params, 41_943_040);
+        let card = 23u64 << 30;
+        let mut fits = Vec::new();
+        for checkpointing in [false, true] {
+            let gpu = memory::MemoryConfig {
+                cpu: false,
+                in_place_optimizer: false,
+                adapters: Some(sizes),
+                ..memory::MemoryConfig::policy(&Device::Cpu, DType::BF16, 1, 1024, checkpointing)
+            };
+            let plan = memory::predict_peak_bytes(&cfg, &gpu);
+            eprintln!(
+                "8B LoRA r=16, bf16, one 24 GB GPU, micro-batch 1 of 1024-token rows, \
+                 checkpointing {checkpointing}: {plan}"
+            );
+            assert!(plan.grads + plan.optimizer_state < 400 << 20, "{plan}");
+            fits.push(memory::check_fits(&plan, card).is_ok());
+        }
+        assert!(fits[1], "with checkpointing 8B LoRA must fit a 24 GB GPU");
     }
 
     /// `--grad-dtype` and `--optim-state-dtype` reach the memory model: Llama 3.1 8B with
