@@ -6,17 +6,26 @@
 //! PEFT adapters (config and tensor names) and the base is untouched; `merged/` scores
 //! what base + best adapter score; a crashed LoRA run resumes with the uninterrupted run's
 //! losses; bad flags and a resume across full fine-tuning and LoRA are refused by name.
+//! With `DPO_PEFT_PYTHON` (a Python with torch, transformers and peft), PEFT itself loads
+//! our step-0 adapter, scores the pairs as we do and takes the same RMSprop step
+//! (`tests/conformance/lora_peft.py`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
+use dpo_common::data::EncodedPair;
 use dpo_common::logprob::{shared_prompt_logprobs, SharedPrompt};
-use dpo_common::model::lora::{self, LoraTarget};
-use dpo_common::model::{load_model, Mode};
+use dpo_common::model::backward;
+use dpo_common::model::lora::{self, LoraAdapters, LoraConfig, LoraTarget};
+use dpo_common::model::{load_model, Llama, Mode};
 use dpo_common::testing::{workspace_root, write_tiny_checkpoint, TinySpec};
 use dpo_tests::{binary, read_jsonl, Server};
+use policy_trainer::loss::{batch_loss, LossFlags, LossSpec, PairLogps};
 use policy_trainer::metrics::METRICS_FILE;
+use policy_trainer::optim::{GradAccumulator, RmsProp, RmsPropConfig};
+use policy_trainer::passes::{loss_inputs, policy_logprobs, shared_row};
+use policy_trainer::ref_cache::RefScores;
 use serde_json::Value;
 
 fn fixture() -> PathBuf {
@@ -203,4 +212,161 @@ fn bad_lora_flags_are_refused_by_name() {
     // The tiny model's k_proj is 16 × 32.
     fails(&["--lora-rank", "17"], "b", &["--lora-rank", "rank 17", "k_proj"]);
     fails(&["--lora-dropout", "0.1"], "c", &["--lora-dropout"]);
+}
+
+/// The pairs of the PEFT check: token ids of the tiny model's byte vocabulary.
+fn peft_pairs() -> Vec<EncodedPair> {
+    let pair = |p: &[u32], c: &[u32], r: &[u32]| EncodedPair {
+        prompt_ids: p.to_vec(),
+        chosen_ids: c.to_vec(),
+        rejected_ids: r.to_vec(),
+    };
+    vec![
+        pair(&[256, 72, 105, 33, 10], &[72, 101, 108, 108, 111, 257], &[78, 111, 257]),
+        pair(
+            &[256, 50, 43, 50, 61],
+            &[52, 257],
+            &[53, 44, 32, 73, 32, 116, 104, 105, 110, 107, 257],
+        ),
+        pair(
+            &[256, 67, 111, 108, 111, 114, 63],
+            &[66, 108, 117, 101, 257],
+            &[78, 111, 110, 101, 257],
+        ),
+    ]
+}
+
+/// The policy's loss inputs for `pairs` against `refs`, scored by `policy` (no gradients).
+fn scored(policy: &Llama, pairs: &[EncodedPair], refs: &[RefScores]) -> Vec<PairLogps> {
+    let (scores, _) = policy_logprobs(&policy.frozen_view().unwrap(), pairs, None).unwrap();
+    let mut inputs = loss_inputs(pairs, Some(refs));
+    for (p, (c, r)) in inputs.iter_mut().zip(scores) {
+        (p.policy_chosen, p.policy_rejected) = (c, r);
+    }
+    inputs
+}
+
+/// PEFT loads the adapter our trainer saves at step 0 and gives our log-probs (1e-3 nats);
+/// one DPO step on the same pairs with `torch.optim.RMSprop` and with ours (the trainer's
+/// loss, hand-written backward, accumulator and RMSprop) gives the same loss after the step
+/// (1e-4) and the same adapter update (relative 1e-2).
+#[test]
+fn peft_loads_our_adapter_and_takes_the_same_step() {
+    let Some(python) = std::env::var_os("DPO_PEFT_PYTHON") else {
+        eprintln!(
+            "DPO_PEFT_PYTHON is not set: PEFT's side of the LoRA check was not run \
+             (tests/conformance/lora_peft.py says how to set up a Python for it)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("tiny");
+    write_tiny_checkpoint(&model_dir, &TinySpec::default(), DType::F32, None).unwrap();
+    let base = load_model(&model_dir, Mode::Frozen, DType::F32, &Device::Cpu).unwrap().model;
+    let config =
+        LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: LoraTarget::ALL.to_vec() };
+    let adapters = LoraAdapters::init(base.config(), config, 7, DType::F32, &Device::Cpu).unwrap();
+    let step0 = dir.path().join("adapter_step0");
+    lora::save_peft(&adapters, model_dir.to_str().unwrap(), &step0).unwrap();
+    let policy = base.clone().with_lora(adapters).unwrap();
+
+    let (lr, beta) = (1e-3, 0.5);
+    let pairs = peft_pairs();
+    let spec = serde_json::json!({
+        "lr": lr,
+        "beta": beta,
+        "pairs": pairs.iter().map(|p| serde_json::json!({
+            "prompt": p.prompt_ids, "chosen": p.chosen_ids, "rejected": p.rejected_ids,
+        })).collect::<Vec<_>>(),
+    });
+    let spec_path = dir.path().join("spec.json");
+    std::fs::write(&spec_path, spec.to_string()).unwrap();
+    let out_dir = dir.path().join("peft");
+    let script = workspace_root().join("tests/conformance/lora_peft.py");
+    let run = Command::new(python)
+        .args([&script, &model_dir, &step0, &spec_path, &out_dir])
+        .output()
+        .unwrap();
+    let report =
+        format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "PEFT's side failed:\n{report}");
+    eprintln!("{report}");
+    let peft: Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("peft.json")).unwrap()).unwrap();
+    assert_eq!(peft["trainable_tensors"], 2 * 7 * 2);
+
+    // Step 0: PEFT's log-probs with our adapter are ours (and the base's).
+    let (ref_scores, _) = policy_logprobs(&base, &pairs, None).unwrap();
+    let refs: Vec<RefScores> =
+        ref_scores.iter().map(|&(chosen, rejected)| RefScores { chosen, rejected }).collect();
+    let before = scored(&policy, &pairs, &refs);
+    for (i, (ours, theirs)) in
+        before.iter().zip(peft["logps_step0"].as_array().unwrap()).enumerate()
+    {
+        for (a, b) in [(ours.policy_chosen, &theirs[0]), (ours.policy_rejected, &theirs[1])] {
+            let b = b.as_f64().unwrap();
+            assert!((a - b).abs() < 1e-3, "pair {i}: our log-prob {a}, PEFT's {b}");
+        }
+    }
+
+    // One step, ours: the whole batch in one pass, then RMSprop.
+    let loss = LossSpec::from_flags(&LossFlags {
+        loss: "sigmoid",
+        beta,
+        label_smoothing: None,
+        discopop_tau: None,
+        gamma_beta_ratio: None,
+        sft_weight: None,
+    })
+    .unwrap();
+    let at_step0 = batch_loss(&loss, &before).unwrap();
+    assert!((at_step0.loss - peft["loss_step0"].as_f64().unwrap()).abs() < 1e-6);
+    let mut acc = GradAccumulator::new(policy.vars(), DType::F32).unwrap();
+    acc.add_with(|grads| {
+        let rows: Vec<SharedPrompt> = pairs.iter().map(shared_row).collect();
+        let pass = backward::forward_shared(&policy, &rows, false)?;
+        let dsums: Vec<f32> = at_step0
+            .grads
+            .iter()
+            .flat_map(|g| [g.policy_chosen as f32, g.policy_rejected as f32])
+            .collect();
+        Ok(backward::backward(pass, &dsums, grads)?)
+    })
+    .unwrap();
+    let init: Vec<Tensor> = policy.vars().iter().map(|v| v.as_tensor().copy().unwrap()).collect();
+    let mut optimizer =
+        RmsProp::new(policy.vars(), RmsPropConfig { lr, ..RmsPropConfig::default() }).unwrap();
+    optimizer.step(&acc).unwrap();
+
+    let after = batch_loss(&loss, &scored(&policy, &pairs, &refs)).unwrap().loss;
+    let peft_after = peft["loss_after_step"].as_f64().unwrap();
+    assert!(after < at_step0.loss, "the step should lower the loss: {after}");
+    assert!(
+        (after - peft_after).abs() < 1e-4,
+        "loss after the step: ours {after}, PEFT's {peft_after}"
+    );
+
+    // The update of every adapter tensor, ours against PEFT's.
+    let theirs = lora::load_peft(
+        &out_dir.join("adapter_after_step"),
+        base.config(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for ((var, start), (name, peft_t)) in
+        policy.vars().iter().zip(&init).zip(theirs.named_tensors())
+    {
+        let ours = (var.as_tensor() - start).unwrap();
+        let peft_update = (&peft_t - start).unwrap();
+        let sq =
+            |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        diff += sq(&(&ours - &peft_update).unwrap());
+        norm += sq(&peft_update);
+        assert_eq!(ours.dims(), peft_update.dims(), "{name}");
+    }
+    let rel = (diff / norm).sqrt();
+    eprintln!("adapter update after one step: relative difference to PEFT's {rel:.2e}");
+    assert!(norm > 0.0 && rel < 1e-2, "the adapter updates differ: relative {rel}");
 }
