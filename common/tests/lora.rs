@@ -198,6 +198,52 @@ fn the_prefix_pass_gives_the_adapters_the_same_gradients() {
     }
 }
 
+/// Dropout on the adapters' input (a training pass's view, `with_lora_dropout`): the
+/// hand-written backward draws the forward's masks again, also for a checkpointed layer,
+/// and matches autograd through the same masks. Without the view nothing is dropped.
+#[test]
+fn dropout_gradients_match_autograd() {
+    let m = base(DType::F64);
+    let cfg = m.config().clone();
+    let adapters = trained_adapters(&m, &LoraTarget::ALL);
+    let weights = adapters.named_tensors().into_iter().collect();
+    let config = LoraConfig { dropout: 0.3, ..lora_config(&LoraTarget::ALL) };
+    let adapters =
+        LoraAdapters::from_tensors(&cfg, config, weights, DType::F64, &Device::Cpu).unwrap();
+    let plain = m.clone().with_lora(adapters).unwrap();
+    let g = groups();
+    let w = dsums(2 * g.len());
+    let no_drop = shared_prompt_logprobs(&plain, &g).unwrap().sums_vec().unwrap();
+    let undropped = shared_prompt_logprobs(
+        &m.clone().with_lora(trained_adapters(&m, &LoraTarget::ALL)).unwrap(),
+        &g,
+    )
+    .unwrap()
+    .sums_vec()
+    .unwrap();
+    assert_eq!(no_drop, undropped, "no dropout outside a training pass's view");
+    let dropped = plain.with_lora_dropout(42);
+    let lp = shared_prompt_logprobs(&dropped, &g).unwrap();
+    let with_drop = lp.sums_vec().unwrap();
+    assert!(with_drop.iter().zip(&no_drop).any(|(a, b)| (a - b).abs() > 1e-3), "nothing dropped");
+    let wt = Tensor::from_slice(&w, w.len(), &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let autograd = (lp.sums * wt).unwrap().sum_all().unwrap().backward().unwrap();
+    let want: Vec<Tensor> =
+        dropped.vars().iter().map(|v| autograd.get(v.as_tensor()).unwrap().clone()).collect();
+    for checkpoint in [false, true] {
+        let pass = forward_shared(&dropped, &g, checkpoint).unwrap();
+        for (a, b) in pass.logprobs.sums_vec().unwrap().iter().zip(&with_drop) {
+            assert!((a - b).abs() < 1e-9, "log-prob {a} vs {b}");
+        }
+        let mut grads = zero_grads(&dropped).unwrap();
+        backward(pass, &w, &mut grads).unwrap();
+        assert_close(&dropped, &grads, &want, 1e-10, &format!("dropout, checkpoint {checkpoint}"));
+    }
+    // Another seed, other masks.
+    let other = shared_prompt_logprobs(&plain.with_lora_dropout(43), &g).unwrap();
+    assert_ne!(other.sums_vec().unwrap(), with_drop);
+}
+
 /// Finite differences on one entry of `A` and one of `B`, independently of autograd.
 #[test]
 fn adapter_gradients_match_finite_differences() {
@@ -295,8 +341,9 @@ fn bad_configurations_are_named() {
     let err = big.validate(&cfg).unwrap_err().to_string();
     assert!(err.contains("rank 17") && err.contains("k_proj"), "{err}");
     assert!(LoraConfig { rank: 16, ..big.clone() }.validate(&cfg).is_ok());
-    let dropout = LoraConfig { dropout: 0.1, ..lora_config(&[LoraTarget::Q]) };
+    let dropout = LoraConfig { dropout: 1.0, ..lora_config(&[LoraTarget::Q]) };
     assert!(dropout.validate(&cfg).unwrap_err().to_string().contains("dropout"));
+    assert!(LoraConfig { dropout: 0.1, ..dropout }.validate(&cfg).is_ok());
     // Adapters go on a frozen base only.
     let trainable = Llama::from_weights(
         cfg.clone(),

@@ -319,7 +319,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub lora_alpha: Option<f64>,
 
-    /// Dropout on the adapters' input during training (only 0 is supported so far).
+    /// Dropout on the adapters' input during training passes (PEFT's lora_dropout; never
+    /// in validation).
     #[arg(long, default_value_t = 0.0)]
     pub lora_dropout: f64,
 
@@ -397,9 +398,8 @@ impl TrainArgs {
             "--lora-alpha must be positive, not {alpha}"
         );
         anyhow::ensure!(
-            self.lora_dropout == 0.0,
-            "--lora-dropout {}: only 0 is supported so far (the adapters' backward has no \
-             dropout)",
+            (0.0..1.0).contains(&self.lora_dropout),
+            "--lora-dropout must be in [0, 1), not {}",
             self.lora_dropout
         );
         Ok(Some(LoraConfig { rank: self.lora_rank, alpha, dropout: self.lora_dropout, targets }))
@@ -430,6 +430,11 @@ impl TrainArgs {
         anyhow::ensure!(self.max_length >= 2, "--max-length must be at least 2");
         anyhow::ensure!(self.max_grad_norm >= 0.0, "--max-grad-norm must not be negative");
         let lora = self.lora_config()?;
+        anyhow::ensure!(
+            self.lora_dropout == 0.0 || !spec.gradient_couples_batch(),
+            "--lora-dropout with --loss {spec}: this loss scores each micro-batch in a separate \
+             pass first, which would see no dropout; use --lora-dropout 0"
+        );
         anyhow::ensure!(
             lora.is_some() || !self.save_merged,
             "--save-merged merges LoRA adapters into the base: it needs --lora-rank"

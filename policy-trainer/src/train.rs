@@ -390,6 +390,10 @@ impl Trainer {
     }
 }
 
+/// Mixed into `--seed` for the LoRA dropout masks, so that they are not the other random
+/// streams drawn from the same seed.
+const LORA_DROPOUT_STREAM: u64 = 0x4C6F_5241_4472_6F70;
+
 /// The reference log-probs of a step's pairs: `None` for a reference-free loss.
 type ReferenceFn<'a> = dyn Fn(&[EncodedPair]) -> Result<Option<Vec<RefScores>>> + 'a;
 
@@ -423,8 +427,15 @@ fn batch_grads(
     // with the same random bits as the uninterrupted one.
     grad_ops::set_rounding_seed(update_seed(args.seed, step_index as u64, u64::MAX));
     let mut stats = LossStats::default();
+    // LoRA dropout: each pass draws its masks from its own seed, a function of the step
+    // (a resumed run drops what the uninterrupted one dropped).
+    let dropout_seed =
+        |pass: u64| update_seed(args.seed ^ LORA_DROPOUT_STREAM, step_index as u64, pass);
     let mut prefix = match common_prefix(batch, args.prefix_min_tokens) {
-        Some(ids) => Some(backward::forward_prefix(step.policy, &ids)?),
+        Some(ids) => {
+            let policy = step.policy.with_lora_dropout(dropout_seed(u64::MAX));
+            Some(backward::forward_prefix(&policy, &ids)?)
+        }
         None => None,
     };
     // A loss whose gradient for one pair reads the others' log-probs (AOT sorts them) scores
@@ -433,12 +444,13 @@ fn batch_grads(
         true => Some(step.policy.frozen_view()?),
         false => None,
     };
-    for micro in batch.chunks(args.micro_batch) {
+    for (k, micro) in batch.chunks(args.micro_batch).enumerate() {
         // Mean over the whole batch: each micro-batch adds its share of the sum.
         let micro_stats = accumulator.add_with(|grads| {
             let n = batch.len() as f64;
             let scoring = scoring_view.as_ref();
-            micro_batch_grads(step, scoring, micro, n, grads, prefix.as_mut())
+            let seed = dropout_seed(k as u64);
+            micro_batch_grads(step, scoring, micro, n, grads, prefix.as_mut(), seed)
         })?;
         stats.merge(&micro_stats);
     }
@@ -463,7 +475,8 @@ fn batch_grads(
 ///
 /// The policy side is `model::backward` (hand-written, gradients added in place); the loss's
 /// gradient with respect to each summed log-prob comes from [`batch_loss`]. With `prefix`,
-/// the passes start from the step's prefix pass and add its gradients into it.
+/// the passes start from the step's prefix pass and add its gradients into it. Under LoRA
+/// with dropout, pass `i` drops with the seed `update_seed(dropout_seed, i, 0)`.
 fn micro_batch_grads(
     step: &StepInputs<'_>,
     scoring: Option<&Llama>,
@@ -471,6 +484,7 @@ fn micro_batch_grads(
     divisor: f64,
     grads: &mut [Tensor],
     mut prefix: Option<&mut PrefixPass>,
+    dropout_seed: u64,
 ) -> Result<LossStats> {
     let (args, policy) = (step.args, step.policy);
     let refs = (step.reference)(micro)?;
@@ -486,8 +500,9 @@ fn micro_batch_grads(
     let scale = micro.len() as f64 / divisor;
     let (rows, passes) = row_passes(micro);
     let mut logits = MeanLogits::default();
-    for pass in &passes {
+    for (k, pass) in passes.iter().enumerate() {
         let batch: Vec<SharedPrompt> = pass.iter().map(|&i| rows[i].clone()).collect();
+        let policy = &policy.with_lora_dropout(update_seed(dropout_seed, k as u64, 0));
         let training = match prefix.as_deref() {
             Some(p) => backward::forward_shared_after(policy, &batch, p, args.grad_checkpointing)?,
             None => backward::forward_shared(policy, &batch, args.grad_checkpointing)?,

@@ -211,7 +211,7 @@ fn bad_lora_flags_are_refused_by_name() {
     fails(&["--lora-targets", "q_proj,qkv"], "a", &["--lora-targets", "qkv", "down_proj"]);
     // The tiny model's k_proj is 16 × 32.
     fails(&["--lora-rank", "17"], "b", &["--lora-rank", "rank 17", "k_proj"]);
-    fails(&["--lora-dropout", "0.1"], "c", &["--lora-dropout"]);
+    fails(&["--lora-dropout", "1"], "c", &["--lora-dropout"]);
 }
 
 /// The pairs of the PEFT check: token ids of the tiny model's byte vocabulary.
@@ -369,4 +369,34 @@ fn peft_loads_our_adapter_and_takes_the_same_step() {
     let rel = (diff / norm).sqrt();
     eprintln!("adapter update after one step: relative difference to PEFT's {rel:.2e}");
     assert!(norm > 0.0 && rel < 1e-2, "the adapter updates differ: relative {rel}");
+}
+
+/// `--lora-dropout`: the run starts at ln 2 (B = 0, so dropping the adapters' input changes
+/// nothing yet), trains, and is a function of its seed: two runs log the same losses, a run
+/// without dropout others.
+#[test]
+fn dropout_runs_start_at_ln2_and_repeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    write_tiny_checkpoint(&model, &TinySpec::default(), DType::F32, None).unwrap();
+    let server = Server::start(&model, &[], dir.path());
+    let losses = |name: &str, extra: &[&str]| {
+        let out_dir = dir.path().join(name);
+        let out = run(&trainer_args(&model, &server.url, &out_dir, 4), extra);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let trains = kind(&read_jsonl(&out_dir.join(METRICS_FILE)), "train");
+        trains.iter().map(|t| f(t, "loss")).collect::<Vec<_>>()
+    };
+    let (a, b) = (losses("a", &["--lora-dropout", "0.1"]), losses("b", &["--lora-dropout", "0.1"]));
+    let none = losses("none", &[]);
+    assert!((none[1] - a[1]).abs() > 1e-4 * a[1], "dropout changed nothing: {a:?} vs {none:?}");
+    // Equal up to the reference's float rounding (the server batches differently per run).
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs().max(1e-3),
+            "the same seed drops the same inputs: {a:?} vs {b:?}"
+        );
+    }
+    assert!((a[0] - std::f64::consts::LN_2).abs() < 1e-5, "{a:?}");
+    assert!(a[3] < a[0], "{a:?}");
 }

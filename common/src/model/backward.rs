@@ -507,14 +507,26 @@ fn projection_backward(
     let dx = dy.matmul(w)?;
     let Some(ad) = model.adapter(layer, target) else { return Ok(dx) };
     let (name_a, name_b) = target.adapter_names(layer);
+    // With dropout the adapter saw drop(x) = x ⊙ mask: the same mask, drawn again.
+    let mask = ad.dropout_mask(x)?;
+    let xd = match &mask {
+        Some(mask) => (x * mask)?,
+        None => x.clone(),
+    };
     // x·Aᵀ is [N, r]: recomputing it costs a rank-r product, less than keeping it would
     // cost memory for every projection of every layer.
-    let su = x.matmul(&ad.a.t()?)?.affine(ad.scale, 0.0)?;
+    let su = xd.matmul(&ad.a.t()?)?.affine(ad.scale, 0.0)?;
     accumulate_weight_grad(grads, index, &name_b, dy, &su)?; // dB = s·dyᵀ·(x·Aᵀ)
     drop(su);
     let du = dy.matmul(&ad.b)?.affine(ad.scale, 0.0)?; // [N, r]
-    accumulate_weight_grad(grads, index, &name_a, &du, x)?; // dA = (s·dy·B)ᵀ·x
-    Ok((dx + du.matmul(&ad.a)?)?)
+    accumulate_weight_grad(grads, index, &name_a, &du, &xd)?; // dA = (s·dy·B)ᵀ·x
+    drop(xd);
+    let dxd = du.matmul(&ad.a)?;
+    let dxd = match &mask {
+        Some(mask) => (dxd * mask)?,
+        None => dxd,
+    };
+    Ok((dx + dxd)?)
 }
 
 /// Zero gradient accumulators for every trainable parameter of `model`, in

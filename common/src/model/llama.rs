@@ -439,6 +439,18 @@ impl Llama {
         base
     }
 
+    /// The same model (shared weights and variables) with its LoRA adapters' dropout
+    /// switched on for one training pass, the masks drawn from `seed`
+    /// ([`LoraAdapters::with_dropout`]). A model without adapters, or without dropout, is
+    /// returned as it is.
+    pub fn with_lora_dropout(&self, seed: u64) -> Llama {
+        let mut m = self.clone();
+        if let Some(lora) = &self.lora {
+            m.lora = Some(lora.with_dropout(seed));
+        }
+        m
+    }
+
     /// The model's LoRA adapters, if it has some.
     pub fn lora(&self) -> Option<&LoraAdapters> {
         self.lora.as_ref()

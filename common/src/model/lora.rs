@@ -154,8 +154,8 @@ pub struct LoraConfig {
     pub rank: usize,
     /// `lora_alpha`: the adapter's output is scaled by `alpha / rank`.
     pub alpha: f64,
-    /// `lora_dropout`: dropout on the adapter path's input during training. Only 0 is
-    /// supported by the hand-written backward so far.
+    /// `lora_dropout`: dropout on the adapter path's input during training passes (those
+    /// made with [`LoraAdapters::with_dropout`]); inference never drops.
     pub dropout: f64,
     /// The projections that carry adapters, in [`LoraTarget::ALL`] order.
     pub targets: Vec<LoraTarget>,
@@ -183,12 +183,6 @@ impl LoraConfig {
                 self.dropout
             )));
         }
-        if self.dropout > 0.0 {
-            return Err(Error::Unsupported(format!(
-                "LoRA dropout {} (the adapters' backward supports dropout 0 only)",
-                self.dropout
-            )));
-        }
         if self.targets.is_empty() {
             return Err(Error::Input("no LoRA targets".into()));
         }
@@ -212,14 +206,37 @@ pub(crate) struct LoraAdapter {
     pub a: Tensor,
     pub b: Tensor,
     pub scale: f64,
+    /// Training dropout on the adapter's input: the drop probability and the seed of this
+    /// adapter's mask in the current pass (see [`LoraAdapters::with_dropout`]).
+    pub dropout: Option<(f64, u64)>,
 }
 
 impl LoraAdapter {
-    /// `s·(x·Aᵀ)·Bᵀ` for `x` `[.., in]`: `[.., out]`. The rank-r product goes first, so the
-    /// cost is `r·(in + out)` per row, never `in·out`.
+    /// `s·(drop(x)·Aᵀ)·Bᵀ` for `x` `[N, in]`: `[N, out]`. The rank-r product goes first, so
+    /// the cost is `r·(in + out)` per row, never `in·out`.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let u = x.broadcast_matmul(&self.a.t()?)?;
-        Ok(u.broadcast_matmul(&self.b.t()?)?.affine(self.scale, 0.0)?)
+        let x = match self.dropout_mask(x)? {
+            Some(mask) => (x * mask)?,
+            None => x.clone(),
+        };
+        let u = x.matmul(&self.a.t()?)?;
+        Ok(u.matmul(&self.b.t()?)?.affine(self.scale, 0.0)?)
+    }
+
+    /// The dropout mask for an input shaped like `x` (`[N, in]`): each element `1/(1-p)`
+    /// (kept) or 0 (dropped), as `torch.nn.Dropout` scales; `None` without dropout. A pure
+    /// function of the adapter's seed and the shape, so that the backward (and a
+    /// checkpointed layer's recomputation) draws the mask its forward used.
+    pub fn dropout_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some((p, seed)) = self.dropout else { return Ok(None) };
+        let mut rng = SplitMix64::new(seed);
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let threshold = (p * (1u64 << 53) as f64) as u64;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.next_u64() >> 11 < threshold { 0.0 } else { keep })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?;
+        Ok(Some(mask.to_dtype(x.dtype())?.to_device(x.device())?))
     }
 
     /// `s·B·A` `[out, in]`, the adapter as a weight delta (for merging), in `dtype`.
@@ -321,7 +338,7 @@ impl LoraAdapters {
                 };
                 let a = take(na, [config.rank, inp])?;
                 let b = take(nb, [out, config.rank])?;
-                slots[slot(t)] = Some(LoraAdapter { a, b, scale });
+                slots[slot(t)] = Some(LoraAdapter { a, b, scale, dropout: None });
             }
             layers.push(slots);
         }
@@ -381,11 +398,39 @@ impl LoraAdapters {
             .iter()
             .map(|slots| {
                 slots.clone().map(|s| {
-                    s.map(|ad| LoraAdapter { a: ad.a.detach(), b: ad.b.detach(), scale: ad.scale })
+                    s.map(|ad| LoraAdapter {
+                        a: ad.a.detach(),
+                        b: ad.b.detach(),
+                        scale: ad.scale,
+                        dropout: ad.dropout,
+                    })
                 })
             })
             .collect();
         LoraAdapters { config: self.config.clone(), layers, vars: Vec::new() }
+    }
+
+    /// The same adapters (shared tensors and variables) with the configuration's dropout
+    /// switched on for one training pass: every adapter's mask is drawn from `seed` (give
+    /// each pass its own), its layer and its target. Without dropout in the configuration,
+    /// the adapters as they are.
+    pub fn with_dropout(&self, seed: u64) -> LoraAdapters {
+        let p = self.config.dropout;
+        let mut out = self.clone();
+        if p == 0.0 {
+            return out;
+        }
+        for (layer, slots) in out.layers.iter_mut().enumerate() {
+            for (k, s) in slots.iter_mut().enumerate() {
+                if let Some(ad) = s {
+                    let stream = (layer as u64) << 8 | k as u64;
+                    let mut mix =
+                        SplitMix64::new(seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03));
+                    ad.dropout = Some((p, mix.next_u64()));
+                }
+            }
+        }
+        out
     }
 
     /// Checks that the adapters fit a model of `cfg` (layers and shapes).
