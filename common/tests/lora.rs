@@ -388,3 +388,45 @@ fn bf16_adapter_gradients_follow_autograd_and_f32() {
     assert_close(&m16, &got, &autograd, 5e-2, "bf16 vs bf16 autograd");
     assert_close(&m32, &got, &f32_grads, 1e-1, "bf16 vs f32");
 }
+
+/// The frozen base packed for the CPU kernel (`pack_for_inference`, as the trainer packs it
+/// under LoRA): the same log-probs and adapter gradients as the dense base, through every
+/// pass the trainer makes; a packed model without adapters is still refused.
+#[test]
+fn a_packed_base_gives_the_same_adapter_gradients() {
+    let dense = base(DType::F32);
+    let adapters = trained_adapters(&dense, &LoraTarget::ALL);
+    let mut packed = dense.clone();
+    assert!(packed.pack_for_inference().unwrap());
+    assert!(packed.is_packed());
+    let dense = dense.with_lora(adapters.clone()).unwrap();
+    let packed = packed.with_lora(adapters).unwrap();
+    let g = groups();
+    let w = dsums(2 * g.len());
+    let grads = |m: &Llama, checkpoint: bool, prefix: bool| {
+        let mut grads = zero_grads(m).unwrap();
+        if prefix {
+            let mut p = forward_prefix(m, &g[0].prompt[..6]).unwrap();
+            for (row, w) in g.iter().zip(w.chunks(2)) {
+                let pass =
+                    forward_shared_after(m, std::slice::from_ref(row), &p, checkpoint).unwrap();
+                backward_after_prefix(pass, w, &mut grads, &mut p).unwrap();
+            }
+            prefix_backward(p, &mut grads).unwrap();
+        } else {
+            let pass = forward_shared(m, &g, checkpoint).unwrap();
+            backward(pass, &w, &mut grads).unwrap();
+        }
+        grads
+    };
+    for (checkpoint, prefix) in [(false, false), (true, false), (false, true)] {
+        let want = grads(&dense, checkpoint, prefix);
+        let got = grads(&packed, checkpoint, prefix);
+        assert_close(&dense, &got, &want, 2e-5, &format!("packed, {checkpoint}, {prefix}"));
+    }
+    let mut plain = base(DType::F32);
+    plain.pack_for_inference().unwrap();
+    let pass = forward_shared(&plain, &g, false).unwrap();
+    let err = backward(pass, &w, &mut []).unwrap_err().to_string();
+    assert!(err.contains("packed"), "{err}");
+}

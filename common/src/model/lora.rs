@@ -17,12 +17,16 @@ use std::fmt;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
+use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use super::config::LlamaConfig;
 use super::save::{atomic_dir_write, write_file};
 use crate::data::SplitMix64;
 use crate::error::{Error, Result};
+
+/// Elements of a dropout mask drawn from one random stream.
+const MASK_CHUNK: usize = 1 << 14;
 
 /// PEFT's name for the adapter's configuration file.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -229,12 +233,17 @@ impl LoraAdapter {
     /// checkpointed layer's recomputation) draws the mask its forward used.
     pub fn dropout_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let Some((p, seed)) = self.dropout else { return Ok(None) };
-        let mut rng = SplitMix64::new(seed);
         let keep = (1.0 / (1.0 - p)) as f32;
         let threshold = (p * (1u64 << 53) as f64) as u64;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.next_u64() >> 11 < threshold { 0.0 } else { keep })
-            .collect();
+        let mut mask = vec![0f32; x.elem_count()];
+        // Chunks with streams of their own: drawn in parallel, the same masks on any number
+        // of threads (a pass draws millions of these).
+        mask.par_chunks_mut(MASK_CHUNK).enumerate().for_each(|(c, chunk)| {
+            let mut rng = SplitMix64::new(seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            for m in chunk {
+                *m = if rng.next_u64() >> 11 < threshold { 0.0 } else { keep };
+            }
+        });
         let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?;
         Ok(Some(mask.to_dtype(x.dtype())?.to_device(x.device())?))
     }
