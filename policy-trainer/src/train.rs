@@ -666,12 +666,9 @@ fn load_policy(
     };
 
     tracing::info!("loading the frozen base from {}", args.model.display());
-    let LoadedModel { model: mut base, tokenizer, fingerprint, .. } =
+    let LoadedModel { model: base, tokenizer, fingerprint, .. } =
         load_model(&args.model, Mode::Frozen, dtype, device)
             .with_context(|| format!("cannot load the base model from {}", args.model.display()))?;
-    // The frozen base takes the reference's fast path (on a CPU in f32, weights packed for
-    // the matrix kernel, in place): its weights get no gradient, only `dy·W` products.
-    base.pack_for_inference()?;
     lora.validate(base.config())
         .with_context(|| format!("--lora-rank / --lora-targets on {}", args.model.display()))?;
     let adapters = match resumed {

@@ -31,7 +31,6 @@ use candle_core::{DType, Tensor};
 use super::grad_ops::{self, accumulate, accumulate_matmul};
 use super::llama::{LayerActivations, LayerContext};
 use super::lora::LoraTarget;
-use super::packed::Weight;
 use super::{ops, Llama, PrefixKv};
 use crate::error::{Error, Result};
 use crate::logprob::{prefixed_batch, response_batch, response_scores, shared_prompt_batch};
@@ -274,7 +273,6 @@ pub fn backward_after_prefix(
 pub fn prefix_backward(prefix: PrefixPass, grads: &mut [Tensor]) -> Result<()> {
     ops::on_compute_pool(|| {
         let PrefixPass { model, ctx, ids, layers, dk, dv, .. } = prefix;
-        check_differentiable(&model)?;
         let index = ParamIndex::new(&model);
         check_accumulators(&index, grads)?;
         let dtype = model.dtype();
@@ -288,17 +286,6 @@ pub fn prefix_backward(prefix: PrefixPass, grads: &mut [Tensor]) -> Result<()> {
         }
         embedding_backward(&model, &ids, dx, &index, grads)
     })
-}
-
-/// A packed model's weights exist only in the inference layout: differentiable only when
-/// they do not train (a frozen base under LoRA adapters).
-fn check_differentiable(model: &Llama) -> Result<()> {
-    if model.is_packed() && model.lora().is_none() {
-        return Err(Error::Unsupported(
-            "a model packed for inference has no gradients; load it as trainable".into(),
-        ));
-    }
-    Ok(())
 }
 
 fn check_accumulators(index: &ParamIndex, grads: &[Tensor]) -> Result<()> {
@@ -331,7 +318,6 @@ fn backward_here(
                 .into(),
         ));
     }
-    check_differentiable(&model)?;
     let index = ParamIndex::new(&model);
     check_accumulators(&index, grads)?;
     if dsums.len() != batch.counts.len() {
@@ -352,7 +338,7 @@ fn backward_here(
     drop(logits);
     let head = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
     accumulate_weight_grad(grads, &index, head, &dlogits, &hidden)?;
-    let dhidden = model.lm_head().backward_input(&dlogits)?; // [N, H]
+    let dhidden = dlogits.matmul(model.lm_head()?)?; // [N, H]
     drop(dlogits);
     let (bt, h) = last.dims2()?;
     let dnormed = Tensor::zeros((bt, h), dtype, &device)?.index_add(&batch.rows, &dhidden, 0)?;
@@ -431,7 +417,7 @@ fn layer_backward(
     from_rows: Option<(&Tensor, &Tensor)>,
 ) -> Result<Tensor> {
     let cfg = model.config();
-    let w = model.layer_weights(i);
+    let w = model.layer_weights(i)?;
     let eps = cfg.rms_norm_eps;
     let (b, t) = (ctx.b, ctx.t);
     let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
@@ -511,14 +497,14 @@ fn projection_backward(
     model: &Llama,
     layer: usize,
     target: LoraTarget,
-    w: &Weight,
+    w: &Tensor,
     x: &Tensor,
     dy: &Tensor,
     index: &ParamIndex,
     grads: &mut [Tensor],
 ) -> Result<Tensor> {
     accumulate_weight_grad(grads, index, &target.base_weight(layer), dy, x)?;
-    let dx = w.backward_input(dy)?;
+    let dx = dy.matmul(w)?;
     let Some(ad) = model.adapter(layer, target) else { return Ok(dx) };
     let (name_a, name_b) = target.adapter_names(layer);
     // With dropout the adapter saw drop(x) = x ⊙ mask: the same mask, drawn again.

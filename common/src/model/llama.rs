@@ -180,18 +180,16 @@ pub(crate) struct LayerActivations {
 }
 
 /// A layer's weights, for the backward: (input norm, q, k, v, o, post norm, gate, up, down).
-/// The projections as they are stored (packed, for a frozen base under LoRA): the backward
-/// only needs `dy·W` of them ([`Weight::backward_input`]) unless they train.
 pub(crate) struct LayerWeights<'a> {
     pub input_norm: &'a Tensor,
-    pub q: &'a Weight,
-    pub k: &'a Weight,
-    pub v: &'a Weight,
-    pub o: &'a Weight,
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub o: &'a Tensor,
     pub post_norm: &'a Tensor,
-    pub gate: &'a Weight,
-    pub up: &'a Weight,
-    pub down: &'a Weight,
+    pub gate: &'a Tensor,
+    pub up: &'a Tensor,
+    pub down: &'a Tensor,
 }
 
 /// The Hugging Face names and shapes every Llama checkpoint of `cfg` must hold.
@@ -500,34 +498,28 @@ impl Llama {
         }
     }
 
-    /// Layer `i`'s weights, for the backward.
-    pub(crate) fn layer_weights(&self, i: usize) -> LayerWeights<'_> {
+    /// Layer `i`'s weights as tensors, for the backward (an error on a packed model).
+    pub(crate) fn layer_weights(&self, i: usize) -> Result<LayerWeights<'_>> {
         let l = &self.layers[i];
-        LayerWeights {
+        Ok(LayerWeights {
             input_norm: &l.input_norm,
-            q: &l.q,
-            k: &l.k,
-            v: &l.v,
-            o: &l.o,
+            q: l.q.dense()?,
+            k: l.k.dense()?,
+            v: l.v.dense()?,
+            o: l.o.dense()?,
             post_norm: &l.post_norm,
-            gate: &l.gate,
-            up: &l.up,
-            down: &l.down,
-        }
-    }
-
-    /// True when the weights are packed for inference (`pack_for_inference`): only a frozen
-    /// base under LoRA adapters can be differentiated then (its weights get no gradient).
-    pub fn is_packed(&self) -> bool {
-        self.embed.is_packed()
+            gate: l.gate.dense()?,
+            up: l.up.dense()?,
+            down: l.down.dense()?,
+        })
     }
 
     pub(crate) fn norm_weight(&self) -> &Tensor {
         &self.norm
     }
 
-    pub(crate) fn lm_head(&self) -> &Weight {
-        &self.lm_head
+    pub(crate) fn lm_head(&self) -> Result<&Tensor> {
+        self.lm_head.dense()
     }
 
     /// RoPE tables for positions `0..t`: cos and sin of shape [t, head_dim/2], f32.

@@ -57,20 +57,15 @@ impl Weight {
         }
     }
 
-    /// `dy·W` for `dy` `[N, out]`: `[N, in]`, the gradient a projection sends back to its
-    /// input (what the backward of a frozen, packed projection needs).
-    pub fn backward_input(&self, dy: &Tensor) -> Result<Tensor> {
+    /// The tensor, for what needs it as it is (the backward): packed weights have none.
+    pub fn dense(&self) -> Result<&Tensor> {
         match self {
-            Weight::Dense(w) => Ok(dy.matmul(w)?),
-            Weight::Packed(p) => p.matmul(dy),
+            Weight::Dense(w) => Ok(w),
+            Weight::Packed(_) => Err(Error::Unsupported(
+                "a model packed for inference has no gradients; load it as trainable".into(),
+            )),
         }
     }
-
-    /// True for the packed layout, which has no tensor to form a weight gradient against.
-    pub fn is_packed(&self) -> bool {
-        matches!(self, Weight::Packed(_))
-    }
-
 
     /// The tensor in Hugging Face layout (unpacked into a new one when packed).
     pub fn to_dense(&self) -> Result<Tensor> {
@@ -222,95 +217,6 @@ impl PackedMatrix {
     }
 }
 
-impl PackedMatrix {
-    /// `dy·W` for `dy` `[.., rows]` (CPU, f32): `[.., cols]`.
-    pub fn matmul(&self, dy: &Tensor) -> Result<Tensor> {
-        Ok(dy.contiguous()?.apply_op1_no_bwd(&PackedMatmul(self))?)
-    }
-
-    /// `out[m, cols] = dy[m, rows]·W`: the panels' products summed into `out`, the output's
-    /// columns split between threads (so no two tasks write one element).
-    fn matmul_into(&self, dy: &[f32], m: usize, out: &mut [f32]) {
-        let (rows, cols) = (self.rows, self.cols);
-        debug_assert!(dy.len() == m * rows && out.len() == m * cols);
-        if m == 0 || cols == 0 || rows == 0 {
-            out.fill(0.0);
-            return;
-        }
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        let columns = |(c0, width): (usize, usize)| {
-            for q in 0..rows.div_ceil(PANEL) {
-                let first = q * PANEL;
-                let height = PANEL.min(rows - first);
-                // SAFETY: in gemm's terms dst[m, width] (+)= lhs[m, height] · rhs[height,
-                // width] with dst(i, j) = out[i*cols + c0 + j], lhs(i, k) = dy[i*rows + first
-                // + k] and rhs(k, j) = panel[(c0 + j)*PANEL + k] = W[first + k, c0 + j]: every
-                // index stays inside `out`, `dy` and the panel (lengths checked above), and
-                // the tasks write disjoint column ranges of `out`.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        width,
-                        height,
-                        out_ptr.get().add(c0),
-                        1,
-                        cols as isize,
-                        q > 0,
-                        dy.as_ptr().add(first),
-                        1,
-                        rows as isize,
-                        self.data.as_ptr().add(first * cols + c0 * PANEL),
-                        PANEL as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                }
-            }
-        };
-        let threads = rayon::current_num_threads().max(1);
-        let width = if m * rows * cols < PAR_MIN_FLOPS { cols } else { cols.div_ceil(threads) };
-        let chunks: Vec<(usize, usize)> =
-            (0..cols).step_by(width.max(1)).map(|c0| (c0, width.min(cols - c0))).collect();
-        if chunks.len() == 1 {
-            chunks.into_iter().for_each(columns);
-        } else {
-            chunks.into_par_iter().for_each(columns);
-        }
-    }
-}
-
-struct PackedMatmul<'a>(&'a PackedMatrix);
-
-impl CustomOp1 for PackedMatmul<'_> {
-    fn name(&self) -> &'static str {
-        "packed-matmul"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let w = self.0;
-        let dims = l.dims();
-        if dims.last() != Some(&w.rows) {
-            candle_core::bail!(
-                "packed matmul: output gradient {dims:?} for a [{}, {}] weight",
-                w.rows,
-                w.cols
-            );
-        }
-        let dy = slice::<f32>(s, l)?;
-        let m = dy.len() / w.rows.max(1);
-        let mut out = vec![0f32; m * w.cols];
-        w.matmul_into(dy, m, &mut out);
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("checked above") = w.cols;
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
-    }
-}
-
 /// A raw output pointer the panel tasks share (they write disjoint columns).
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -406,23 +312,6 @@ mod tests {
             .matmul(&w.unpack().unwrap().t().unwrap())
             .unwrap();
         assert!(max_diff(&got.reshape((6, 40)).unwrap(), &want) < 1e-5);
-    }
-
-    #[test]
-    fn backward_product_matches_candle_on_ragged_shapes_serial_and_parallel() {
-        // (tokens, out, in): partial last panels, one token, sizes over the threshold.
-        for (m, n, k) in [(1, 5, 3), (7, 33, 16), (93, 192, 64), (40, 97, 576), (3, 64, 1)] {
-            let dy = matrix(m, n, 3);
-            let w = matrix(n, k, 4);
-            let want = dy.matmul(&w).unwrap();
-            let got = Weight::Dense(w.clone()).packed().unwrap().backward_input(&dy).unwrap();
-            assert_eq!(got.dims(), [m, k]);
-            let scale = max_abs(&want);
-            assert!(max_diff(&got, &want) <= 1e-5 * scale.max(1.0), "{m}x{n}x{k}");
-        }
-        let w = PackedMatrix::pack(&matrix(10, 4, 5)).unwrap();
-        let err = w.matmul(&matrix(2, 4, 6)).unwrap_err().to_string();
-        assert!(err.contains("[10, 4]"), "{err}");
     }
 
     #[test]
