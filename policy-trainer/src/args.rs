@@ -310,7 +310,7 @@ pub struct TrainArgs {
     /// LoRA: train rank-r adapters on a frozen base instead of every weight (0 = full
     /// fine-tuning). The adapters are initialised as PEFT does (B = 0), so step 0 is the
     /// base model exactly; best/ and last/ hold them in PEFT's format
-    /// (docs/training.md#lora).
+    /// (docs/training.md#lora---lora-rank).
     #[arg(long, default_value_t = 0)]
     pub lora_rank: usize,
 
