@@ -63,6 +63,28 @@ pub struct MemoryConfig {
     /// with temporaries of their own), and a matrix kernel (gemm) that packs operands into
     /// buffers of its own, of which the head's weight gradient's count ([`GEMM_PACK_BYTES`]).
     pub cpu: bool,
+    /// LoRA (`model::lora`): only the adapters train, so gradients and optimizer state are
+    /// the adapters' size and no base weight's gradient is ever formed. `None`: every
+    /// weight trains.
+    pub adapters: Option<AdapterSizes>,
+}
+
+/// The sizes of a model's LoRA adapters that the memory model needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdapterSizes {
+    /// Parameters of all adapters together.
+    pub params: u64,
+    /// Elements of the largest adapter tensor (the optimizer's temporaries are its size).
+    pub largest: u64,
+}
+
+/// The adapters' sizes for `lora` on a model of shape `cfg`.
+pub fn adapter_sizes(cfg: &LlamaConfig, lora: &crate::model::LoraConfig) -> AdapterSizes {
+    let r = lora.rank as u64;
+    let shapes = lora.targets.iter().map(|t| t.shape(cfg));
+    let per_layer: u64 = shapes.clone().map(|(out, inp)| r * (out + inp) as u64).sum();
+    let largest = shapes.map(|(out, inp)| r * out.max(inp) as u64).max().unwrap_or(0);
+    AdapterSizes { params: per_layer * cfg.num_hidden_layers as u64, largest }
 }
 
 /// The most the CPU matrix kernel (gemm) packs of an operand at once: it copies the
@@ -101,6 +123,7 @@ impl MemoryConfig {
             checkpointing,
             in_place_optimizer: device.is_cpu() && weight_dtype == DType::F32,
             cpu: device.is_cpu(),
+            adapters: None,
         }
     }
 
@@ -256,7 +279,8 @@ pub fn predict_peak_bytes(cfg: &LlamaConfig, mc: &MemoryConfig) -> MemoryPlan {
 
     let layer = total(&layer_kept_tensors(cfg, b, t, wd));
     let head = total(&head_kept_tensors(cfg, b, t, r as usize, 2 * b, true, wd));
-    let weights = p * wb;
+    // Adapters are stored in the weights' dtype beside the base.
+    let weights = (p + mc.adapters.map_or(0, |a| a.params)) * wb;
     let mut plan = MemoryPlan { weights, ..MemoryPlan::default() };
     match mc.role {
         Role::Reference => {
@@ -265,8 +289,14 @@ pub fn predict_peak_bytes(cfg: &LlamaConfig, mc: &MemoryConfig) -> MemoryPlan {
             plan.logits = head - n * h * wb;
         }
         Role::Policy => {
-            plan.grads = p * mc.grad_dtype.size_in_bytes() as u64;
-            plan.optimizer_state = p * mc.optim_state_dtype.size_in_bytes() as u64;
+            // What trains: every weight, or (LoRA) the adapters alone, the base frozen.
+            let (trained, largest) = match mc.adapters {
+                Some(a) => (a.params, a.largest),
+                None => (p, v * h),
+            };
+            let frozen_base = mc.adapters.is_some();
+            plan.grads = trained * mc.grad_dtype.size_in_bytes() as u64;
+            plan.optimizer_state = trained * mc.optim_state_dtype.size_in_bytes() as u64;
             plan.activations = if mc.checkpointing { l * n * h * wb } else { l * layer };
             plan.logits = head;
             let logits = r * v * wb;
@@ -286,10 +316,14 @@ pub fn predict_peak_bytes(cfg: &LlamaConfig, mc: &MemoryConfig) -> MemoryPlan {
             //    weight-sized temporary, only the kernel's buffers.
             let gd = mc.grad_dtype;
             let added_by_kernel = mc.cpu && wd == DType::F32 && gd == DType::F32;
-            let weight_grad = |bytes: u64| if added_by_kernel { 0 } else { bytes };
+            //    A frozen base forms no weight gradient at all (an adapter's is rank-sized).
+            let weight_grad = |bytes: u64| if added_by_kernel || frozen_base { 0 } else { bytes };
             let cast = if gd != wd && gd != DType::BF16 { gd.size_in_bytes() as u64 } else { 0 };
             let kernel = if mc.cpu { gemm_buffers(r, v, h, wd) } else { 0 };
-            let head_weight = weight_grad(v * h * wb) + kernel.max(v * h * cast);
+            let head_weight = match frozen_base {
+                true => 0,
+                false => weight_grad(v * h * wb) + kernel.max(v * h * cast),
+            };
             // 3. One layer at a time, the logits gone but the gradients of the final norm's
             //    input and output and of the head's hidden states still held: with
             //    checkpointing the layer's activations recomputed; then its MLP's d m and
@@ -304,7 +338,6 @@ pub fn predict_peak_bytes(cfg: &LlamaConfig, mc: &MemoryConfig) -> MemoryPlan {
             plan.workspace = head_grad.max(head_weight).max(layer_phase);
             // RMSprop on the largest parameter: a few f32 temporaries of its size, or in
             // place (then only the gradient norm's square of it).
-            let largest = v * h;
             let temporaries = if mc.in_place_optimizer { 1 } else { 6 };
             plan.optimizer_step = temporaries * largest * f32b;
         }

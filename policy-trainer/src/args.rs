@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use candle_core::DType;
 use clap::{Args, ValueEnum};
+use dpo_common::model::lora::{parse_targets, LoraConfig};
 use dpo_common::template::Template;
 use dpo_proto::client::ClientOptions;
 use dpo_proto::connect::ConnectArgs;
@@ -306,6 +307,32 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = dpo_common::prefix::DEFAULT_MIN_PREFIX_TOKENS)]
     pub prefix_min_tokens: usize,
 
+    /// LoRA: train rank-r adapters on a frozen base instead of every weight (0 = full
+    /// fine-tuning). The adapters are initialised as PEFT does (B = 0), so step 0 is the
+    /// base model exactly; best/ and last/ hold them in PEFT's format
+    /// (docs/training.md#lora---lora-rank).
+    #[arg(long, default_value_t = 0)]
+    pub lora_rank: usize,
+
+    /// LoRA's alpha: the adapters' output is scaled by alpha / rank [default: 2 × rank,
+    /// a scale of 2, as TRL's examples use (r 16, alpha 32)].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+
+    /// Dropout on the adapters' input during training passes (PEFT's lora_dropout; never
+    /// in validation).
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+
+    /// The projections that carry adapters, as PEFT names them (comma-separated), or all.
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    pub lora_targets: String,
+
+    /// With --lora-rank: also write OUT/merged/, the base with the best adapter (the last
+    /// one if no evaluation ran) added into its weights, a plain Hugging Face checkpoint.
+    #[arg(long)]
+    pub save_merged: bool,
+
     /// No progress bar (log lines only), e.g. when stderr is a file.
     #[arg(long)]
     pub no_progress: bool,
@@ -357,6 +384,27 @@ impl TrainArgs {
         self.ref_cache.clone().unwrap_or_else(|| self.out.join("ref_cache.jsonl"))
     }
 
+    /// The LoRA configuration the flags ask for; `None` for full fine-tuning
+    /// (`--lora-rank 0`). Every error names its flag; the rank is checked against the
+    /// model's dimensions once it is loaded ([`LoraConfig::validate`]).
+    pub fn lora_config(&self) -> anyhow::Result<Option<LoraConfig>> {
+        if self.lora_rank == 0 {
+            return Ok(None);
+        }
+        let targets = parse_targets(&self.lora_targets).context("--lora-targets")?;
+        let alpha = self.lora_alpha.unwrap_or(2.0 * self.lora_rank as f64);
+        anyhow::ensure!(
+            alpha.is_finite() && alpha > 0.0,
+            "--lora-alpha must be positive, not {alpha}"
+        );
+        anyhow::ensure!(
+            (0.0..1.0).contains(&self.lora_dropout),
+            "--lora-dropout must be in [0, 1), not {}",
+            self.lora_dropout
+        );
+        Ok(Some(LoraConfig { rank: self.lora_rank, alpha, dropout: self.lora_dropout, targets }))
+    }
+
     /// Flag combinations that cannot work, caught before anything loads.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.batch_size > 0, "--batch-size must be at least 1");
@@ -381,6 +429,20 @@ impl TrainArgs {
         anyhow::ensure!(self.lr >= 0.0, "--lr must not be negative");
         anyhow::ensure!(self.max_length >= 2, "--max-length must be at least 2");
         anyhow::ensure!(self.max_grad_norm >= 0.0, "--max-grad-norm must not be negative");
+        let lora = self.lora_config()?;
+        anyhow::ensure!(
+            self.lora_dropout == 0.0 || !spec.gradient_couples_batch(),
+            "--lora-dropout with --loss {spec}: this loss scores each micro-batch in a separate \
+             pass first, which would see no dropout; use --lora-dropout 0"
+        );
+        anyhow::ensure!(
+            lora.is_some() || !self.save_merged,
+            "--save-merged merges LoRA adapters into the base: it needs --lora-rank"
+        );
+        anyhow::ensure!(
+            lora.is_some() || self.lora_alpha.is_none(),
+            "--lora-alpha is given without --lora-rank (0 means full fine-tuning)"
+        );
         Ok(())
     }
 }

@@ -6,12 +6,18 @@
 //!   (`optimizer.safetensors`) and `trainer_state.json` (step, data position, best metric,
 //!   the fingerprints the run started from).
 //!
-//! Both are written with `dpo_common`'s atomic `save_hf`: a crash or a full disk
-//! mid-save leaves the previous checkpoint whole.
+//! With LoRA (`--lora-rank`), both hold the adapters in PEFT's format instead of the model
+//! (`adapter_config.json`, `adapter_model.safetensors`, the tokenizer), which
+//! `peft.PeftModel.from_pretrained(base, dir)` loads on the base model; `--save-merged`
+//! adds `merged/`, the base with the adapters added into its weights.
+//!
+//! Both are written atomically (`dpo_common`'s `save_hf` or `save_peft`): a crash or a full
+//! disk mid-save leaves the previous checkpoint whole.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use dpo_common::model::lora;
 use dpo_common::model::save::{save_hf, save_hf_with, write_file, SaveOptions};
 use dpo_common::model::Llama;
 use dpo_common::tokenizer::LlamaTokenizer;
@@ -24,6 +30,7 @@ pub const LAST_DIR: &str = "last";
 pub const BEST_META: &str = "best.json";
 pub const TRAINER_STATE: &str = "trainer_state.json";
 pub const OPTIMIZER_STATE: &str = "optimizer.safetensors";
+pub const MERGED_DIR: &str = "merged";
 
 /// What `best/best.json` records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,17 +76,43 @@ pub fn last_dir(out: &Path) -> PathBuf {
     out.join(LAST_DIR)
 }
 
-/// Saves the best model so far (atomically replacing the previous one).
+/// Writes the policy to `dir` (atomically) with the files `write_extra` adds: the whole
+/// model as a Hugging Face directory, or under LoRA its adapters as a PEFT directory (with
+/// the tokenizer, as TRL saves one) naming `base_model`.
+fn save_policy_with(
+    model: &Llama,
+    tokenizer: &LlamaTokenizer,
+    base_model: &Path,
+    dir: &Path,
+    write_extra: impl FnOnce(&Path) -> dpo_common::Result<()>,
+) -> dpo_common::Result<()> {
+    match model.lora() {
+        Some(adapters) => {
+            let base = base_model.display().to_string();
+            lora::save_peft_with(adapters, &base, dir, |tmp| {
+                tokenizer.save_hf(tmp)?;
+                write_extra(tmp)
+            })
+        }
+        None => save_hf_with(model, tokenizer, dir, &SaveOptions::default(), write_extra),
+    }
+}
+
+/// Saves the best policy so far (atomically replacing the previous one); `base_model` is
+/// the `--model` a LoRA adapter applies to.
 pub fn save_best(
     out: &Path,
     model: &Llama,
     tokenizer: &LlamaTokenizer,
+    base_model: &Path,
     meta: &BestMeta,
 ) -> Result<PathBuf> {
     let dir = best_dir(out);
     let meta = serde_json::to_vec_pretty(meta)?;
-    save_hf(model, tokenizer, &dir, &SaveOptions::default(), &[(BEST_META, meta)])
-        .with_context(|| format!("cannot save the best checkpoint to {}", dir.display()))?;
+    save_policy_with(model, tokenizer, base_model, &dir, |tmp| {
+        write_file(&tmp.join(BEST_META), &meta)
+    })
+    .with_context(|| format!("cannot save the best checkpoint to {}", dir.display()))?;
     Ok(dir)
 }
 
@@ -89,18 +122,34 @@ pub fn save_last(
     out: &Path,
     model: &Llama,
     tokenizer: &LlamaTokenizer,
+    base_model: &Path,
     optimizer: &RmsProp,
     state: &TrainerState,
 ) -> Result<PathBuf> {
     let dir = last_dir(out);
     let state = serde_json::to_vec_pretty(state)?;
-    save_hf_with(model, tokenizer, &dir, &SaveOptions::default(), |tmp| {
+    save_policy_with(model, tokenizer, base_model, &dir, |tmp| {
         write_file(&tmp.join(TRAINER_STATE), &state)?;
         let path = tmp.join(OPTIMIZER_STATE);
         optimizer.save(&path).map_err(|e| dpo_common::Error::file(&path, format!("{e:#}")))
     })
     .with_context(|| format!("cannot save the resume checkpoint to {}", dir.display()))?;
     Ok(dir)
+}
+
+/// Writes `OUT/merged/`: `model` (a base with LoRA adapters) with the adapters added into
+/// its weights, as a plain Hugging Face checkpoint.
+pub fn save_merged(out: &Path, model: &Llama, tokenizer: &LlamaTokenizer) -> Result<PathBuf> {
+    let dir = out.join(MERGED_DIR);
+    let merged = model.merged().context("merging the adapters into the base")?;
+    save_hf(&merged, tokenizer, &dir, &SaveOptions::default(), &[])
+        .with_context(|| format!("cannot save the merged model to {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// True when `dir` holds LoRA adapters (PEFT's format) rather than a whole model.
+pub fn holds_adapter(dir: &Path) -> bool {
+    lora::is_adapter_dir(dir)
 }
 
 /// Reads `last/trainer_state.json`, with errors that say what to do.

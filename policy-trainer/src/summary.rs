@@ -33,6 +33,10 @@ pub struct RunOutputs {
     pub chart: Option<PathBuf>,
     /// The directory holding TensorBoard event files (`--report-to tensorboard`).
     pub tensorboard: Option<PathBuf>,
+    /// `merged/` (`--save-merged`): the base with the LoRA adapter merged in.
+    pub merged: Option<PathBuf>,
+    /// True when `best/` and `last/` hold LoRA adapters rather than whole models.
+    pub adapters: bool,
 }
 
 impl RunOutputs {
@@ -45,6 +49,10 @@ impl RunOutputs {
             metrics: existing(out.join(METRICS_FILE)),
             chart: existing(out.join(CHART_FILE)),
             tensorboard: has_event_files(out).then(|| out.to_path_buf()),
+            merged: existing(out.join(checkpoint::MERGED_DIR)),
+            adapters: [checkpoint::best_dir(out), checkpoint::last_dir(out)]
+                .iter()
+                .any(|d| checkpoint::holds_adapter(d)),
         }
     }
 }
@@ -84,7 +92,15 @@ impl fmt::Display for RunSummary {
             }
             _ => lines.push("best:    none saved (no evaluation after step 0)".into()),
         }
+        if outputs.adapters {
+            lines.push(
+                "adapter: best/ and last/ hold LoRA adapters in PEFT's format, for the --model \
+                 base"
+                    .into(),
+            );
+        }
         for (label, path) in [
+            ("merged: ", &outputs.merged),
             ("resume: ", &outputs.last),
             ("metrics:", &outputs.metrics),
             ("chart:  ", &outputs.chart),

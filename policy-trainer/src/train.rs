@@ -21,6 +21,7 @@ use dpo_common::device::parse_device;
 use dpo_common::logprob::SharedPrompt;
 use dpo_common::memory;
 use dpo_common::model::backward::{self, PrefixPass};
+use dpo_common::model::lora::{self, LoraAdapters, LoraTarget};
 use dpo_common::model::{grad_ops, load_model, parse_dtype, Llama, LoadedModel, Mode};
 use dpo_common::sround::update_seed;
 use dpo_common::tokenizer::LlamaTokenizer;
@@ -103,7 +104,7 @@ impl Trainer {
         let device = parse_device(&args.device)?;
         let dtype = parse_dtype(&args.dtype)?;
         let (policy, tokenizer, fingerprint) =
-            load_policy(&args, resumed.is_some(), dtype, &device)?;
+            load_policy(&args, resumed.as_ref(), dtype, &device)?;
         let start_fingerprint =
             resumed.as_ref().map(|s| s.start_fingerprint.clone()).unwrap_or(fingerprint);
         let scorer = if loss.needs_reference() {
@@ -307,7 +308,8 @@ impl Trainer {
             value,
             eval: serde_json::to_value(record)?,
         };
-        checkpoint::save_best(&self.args.out, &self.policy, &self.tokenizer, &meta)?;
+        let (out, base) = (&self.args.out, &self.args.model);
+        checkpoint::save_best(out, &self.policy, &self.tokenizer, base, &meta)?;
         Ok(true)
     }
 
@@ -329,15 +331,20 @@ impl Trainer {
             &self.args.out,
             &self.policy,
             &self.tokenizer,
+            &self.args.model,
             &self.optimizer,
             &self.state,
         )?;
         Ok(())
     }
 
-    /// Ends the run: the cache flushed, the reference's statistics logged, the summary.
+    /// Ends the run: the cache flushed, the reference's statistics logged, `merged/` written
+    /// if asked, the summary.
     pub fn finish(self) -> Result<RunSummary> {
         self.progress.finish();
+        if self.args.save_merged {
+            self.save_merged()?;
+        }
         let reference = match &self.scorer {
             Some(scorer) => {
                 scorer.flush_cache()?;
@@ -363,6 +370,29 @@ impl Trainer {
         })
     }
 }
+
+impl Trainer {
+    /// `--save-merged`: the base with the best adapter (from `best/`; the current one if no
+    /// evaluation saved any) merged into its weights, as `OUT/merged/`.
+    fn save_merged(&self) -> Result<()> {
+        let best = checkpoint::best_dir(&self.args.out);
+        let policy = if checkpoint::holds_adapter(&best) {
+            let (cfg, dtype, device) =
+                (self.policy.config(), self.policy.dtype(), self.policy.device());
+            let adapters = lora::load_peft(&best, cfg, dtype, device)?;
+            self.policy.without_lora().with_lora(adapters)?
+        } else {
+            self.policy.clone()
+        };
+        let dir = checkpoint::save_merged(&self.args.out, &policy, &self.tokenizer)?;
+        eprintln!("merged the adapter into the base: {}", dir.display());
+        Ok(())
+    }
+}
+
+/// Mixed into `--seed` for the LoRA dropout masks, so that they are not the other random
+/// streams drawn from the same seed.
+const LORA_DROPOUT_STREAM: u64 = 0x4C6F_5241_4472_6F70;
 
 /// The reference log-probs of a step's pairs: `None` for a reference-free loss.
 type ReferenceFn<'a> = dyn Fn(&[EncodedPair]) -> Result<Option<Vec<RefScores>>> + 'a;
@@ -397,8 +427,15 @@ fn batch_grads(
     // with the same random bits as the uninterrupted one.
     grad_ops::set_rounding_seed(update_seed(args.seed, step_index as u64, u64::MAX));
     let mut stats = LossStats::default();
+    // LoRA dropout: each pass draws its masks from its own seed, a function of the step
+    // (a resumed run drops what the uninterrupted one dropped).
+    let dropout_seed =
+        |pass: u64| update_seed(args.seed ^ LORA_DROPOUT_STREAM, step_index as u64, pass);
     let mut prefix = match common_prefix(batch, args.prefix_min_tokens) {
-        Some(ids) => Some(backward::forward_prefix(step.policy, &ids)?),
+        Some(ids) => {
+            let policy = step.policy.with_lora_dropout(dropout_seed(u64::MAX));
+            Some(backward::forward_prefix(&policy, &ids)?)
+        }
         None => None,
     };
     // A loss whose gradient for one pair reads the others' log-probs (AOT sorts them) scores
@@ -407,12 +444,13 @@ fn batch_grads(
         true => Some(step.policy.frozen_view()?),
         false => None,
     };
-    for micro in batch.chunks(args.micro_batch) {
+    for (k, micro) in batch.chunks(args.micro_batch).enumerate() {
         // Mean over the whole batch: each micro-batch adds its share of the sum.
         let micro_stats = accumulator.add_with(|grads| {
             let n = batch.len() as f64;
             let scoring = scoring_view.as_ref();
-            micro_batch_grads(step, scoring, micro, n, grads, prefix.as_mut())
+            let seed = dropout_seed(k as u64);
+            micro_batch_grads(step, scoring, micro, n, grads, prefix.as_mut(), seed)
         })?;
         stats.merge(&micro_stats);
     }
@@ -437,7 +475,8 @@ fn batch_grads(
 ///
 /// The policy side is `model::backward` (hand-written, gradients added in place); the loss's
 /// gradient with respect to each summed log-prob comes from [`batch_loss`]. With `prefix`,
-/// the passes start from the step's prefix pass and add its gradients into it.
+/// the passes start from the step's prefix pass and add its gradients into it. Under LoRA
+/// with dropout, pass `i` drops with the seed `update_seed(dropout_seed, i, 0)`.
 fn micro_batch_grads(
     step: &StepInputs<'_>,
     scoring: Option<&Llama>,
@@ -445,6 +484,7 @@ fn micro_batch_grads(
     divisor: f64,
     grads: &mut [Tensor],
     mut prefix: Option<&mut PrefixPass>,
+    dropout_seed: u64,
 ) -> Result<LossStats> {
     let (args, policy) = (step.args, step.policy);
     let refs = (step.reference)(micro)?;
@@ -460,8 +500,9 @@ fn micro_batch_grads(
     let scale = micro.len() as f64 / divisor;
     let (rows, passes) = row_passes(micro);
     let mut logits = MeanLogits::default();
-    for pass in &passes {
+    for (k, pass) in passes.iter().enumerate() {
         let batch: Vec<SharedPrompt> = pass.iter().map(|&i| rows[i].clone()).collect();
+        let policy = &policy.with_lora_dropout(update_seed(dropout_seed, k as u64, 0));
         let training = match prefix.as_deref() {
             Some(p) => backward::forward_shared_after(policy, &batch, p, args.grad_checkpointing)?,
             None => backward::forward_shared(policy, &batch, args.grad_checkpointing)?,
@@ -588,20 +629,91 @@ fn check_out_dir(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads the policy: from `--model` on a fresh start, from `last/` on resume. Returns it
-/// with its tokenizer and fingerprint.
+/// Loads the policy: from `--model` on a fresh start, from `last/` on resume; under LoRA
+/// the base from `--model` with fresh adapters, or those of `last/` on resume. Returns it
+/// with its tokenizer and fingerprint (under LoRA, the base's: what the reference must hold).
 fn load_policy(
     args: &TrainArgs,
-    resuming: bool,
+    resumed: Option<&TrainerState>,
     dtype: DType,
     device: &Device,
 ) -> Result<(Llama, LlamaTokenizer, String)> {
-    let path = if resuming { checkpoint::last_dir(&args.out) } else { args.model.clone() };
-    tracing::info!("loading the policy from {}", path.display());
-    let LoadedModel { model, tokenizer, fingerprint, .. } =
-        load_model(&path, Mode::Trainable, dtype, device)
-            .with_context(|| format!("cannot load the policy from {}", path.display()))?;
-    Ok((model, tokenizer, fingerprint))
+    let last = checkpoint::last_dir(&args.out);
+    let lora = args.lora_config()?;
+    if resumed.is_some() {
+        match (&lora, checkpoint::holds_adapter(&last)) {
+            (Some(_), false) => bail!(
+                "--resume with --lora-rank {}: {} holds a full fine-tuning run, not LoRA \
+                 adapters; resume it without --lora-rank",
+                args.lora_rank,
+                last.display()
+            ),
+            (None, true) => bail!(
+                "--resume: {} holds LoRA adapters; resume with the run's --lora-rank (and \
+                 --lora-alpha, --lora-targets)",
+                last.display()
+            ),
+            _ => {}
+        }
+    }
+    let Some(lora) = lora else {
+        let path = if resumed.is_some() { last } else { args.model.clone() };
+        tracing::info!("loading the policy from {}", path.display());
+        let LoadedModel { model, tokenizer, fingerprint, .. } =
+            load_model(&path, Mode::Trainable, dtype, device)
+                .with_context(|| format!("cannot load the policy from {}", path.display()))?;
+        return Ok((model, tokenizer, fingerprint));
+    };
+
+    tracing::info!("loading the frozen base from {}", args.model.display());
+    let LoadedModel { model: base, tokenizer, fingerprint, .. } =
+        load_model(&args.model, Mode::Frozen, dtype, device)
+            .with_context(|| format!("cannot load the base model from {}", args.model.display()))?;
+    lora.validate(base.config())
+        .with_context(|| format!("--lora-rank / --lora-targets on {}", args.model.display()))?;
+    let adapters = match resumed {
+        None => LoraAdapters::init(base.config(), lora.clone(), args.seed, dtype, device)?,
+        Some(state) => {
+            anyhow::ensure!(
+                state.start_fingerprint == fingerprint,
+                "--resume: --model {} ({fingerprint}) is not the base the run in {} started \
+                 from ({})",
+                args.model.display(),
+                args.out.display(),
+                state.start_fingerprint
+            );
+            let adapters = lora::load_peft(&last, base.config(), dtype, device)
+                .with_context(|| format!("cannot load the adapters from {}", last.display()))?;
+            let saved = adapters.config();
+            anyhow::ensure!(
+                (saved.rank, saved.alpha, &saved.targets) == (lora.rank, lora.alpha, &lora.targets),
+                "--resume: the adapters in {} have rank {}, alpha {} and targets {}, the flags \
+                 ask for rank {}, alpha {} and targets {}",
+                last.display(),
+                saved.rank,
+                saved.alpha,
+                target_names(&saved.targets),
+                lora.rank,
+                lora.alpha,
+                target_names(&lora.targets)
+            );
+            adapters
+        }
+    };
+    let trainable: usize = adapters.vars().iter().map(|v| v.elem_count()).sum();
+    eprintln!(
+        "LoRA: rank {}, alpha {} (scale {}), on {}: {trainable} trainable parameters, the base \
+         frozen",
+        lora.rank,
+        lora.alpha,
+        lora.scale(),
+        target_names(&lora.targets)
+    );
+    Ok((base.with_lora(adapters)?, tokenizer, fingerprint))
+}
+
+fn target_names(targets: &[LoraTarget]) -> String {
+    targets.iter().map(|t| t.name()).collect::<Vec<_>>().join(",")
 }
 
 /// Connects to the reference server and checks that it holds the model the policy started
@@ -724,11 +836,14 @@ fn check_memory(
 ) -> Result<()> {
     // A pair is one row: prompt, chosen, rejected.
     let longest = train.iter().chain(val).map(|p| shared_row(p).row_len()).max().unwrap_or(0);
-    let config = memory_config(args, device, dtype, longest);
+    let mut config = memory_config(args, device, dtype, longest);
+    config.adapters = policy.lora().map(|l| memory::adapter_sizes(policy.config(), l.config()));
     let plan = memory::predict_peak_bytes(policy.config(), &config);
+    let trains =
+        if config.adapters.is_some() { "LoRA adapters on a frozen base" } else { "every weight" };
     eprintln!(
-        "policy, micro-batch {} of {longest}-token pair rows (gradients {:?}, RMSprop state \
-         {:?}): {plan}",
+        "policy, micro-batch {} of {longest}-token pair rows ({trains}; gradients {:?}, \
+         RMSprop state {:?}): {plan}",
         args.micro_batch, config.grad_dtype, config.optim_state_dtype
     );
     if let Some(free) = memory::available_bytes(device) {
@@ -922,6 +1037,39 @@ mod tests {
             );
             assert_eq!(stats.count, batch.len());
         }
+    }
+
+    /// LoRA in the memory model: Llama 3.1 8B with r = 16 adapters on every projection, bf16
+    /// weights, on one 24 GB GPU (23 GiB: a 24 GB card's 23.99 GiB less the CUDA context),
+    /// micro-batch 1 of 1,024-token rows: the adapters' gradients and RMSprop state are
+    /// tens of MB, the bf16 base 15 GiB, and the run fits with checkpointing.
+    #[test]
+    fn eight_b_lora_fits_a_24_gb_gpu() {
+        let cfg = dpo_common::testing::llama31_8b_config();
+        let args = parse_args(&["--lora-rank", "16", "--dtype", "bf16"]);
+        let lora = args.lora_config().unwrap().unwrap();
+        assert_eq!(lora.alpha, 32.0, "the default alpha is 2 × rank");
+        let sizes = memory::adapter_sizes(&cfg, &lora);
+        // PEFT's count for this config (print_trainable_parameters): 41,943,040.
+        assert_eq!(sizes.params, 41_943_040);
+        let card = 23u64 << 30;
+        let mut fits = Vec::new();
+        for checkpointing in [false, true] {
+            let gpu = memory::MemoryConfig {
+                cpu: false,
+                in_place_optimizer: false,
+                adapters: Some(sizes),
+                ..memory::MemoryConfig::policy(&Device::Cpu, DType::BF16, 1, 1024, checkpointing)
+            };
+            let plan = memory::predict_peak_bytes(&cfg, &gpu);
+            eprintln!(
+                "8B LoRA r=16, bf16, one 24 GB GPU, micro-batch 1 of 1024-token rows, \
+                 checkpointing {checkpointing}: {plan}"
+            );
+            assert!(plan.grads + plan.optimizer_state < 400 << 20, "{plan}");
+            fits.push(memory::check_fits(&plan, card).is_ok());
+        }
+        assert!(fits[1], "with checkpointing 8B LoRA must fit a 24 GB GPU");
     }
 
     /// `--grad-dtype` and `--optim-state-dtype` reach the memory model: Llama 3.1 8B with

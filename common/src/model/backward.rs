@@ -30,6 +30,7 @@ use candle_core::{DType, Tensor};
 
 use super::grad_ops::{self, accumulate, accumulate_matmul};
 use super::llama::{LayerActivations, LayerContext};
+use super::lora::LoraTarget;
 use super::{ops, Llama, PrefixKv};
 use crate::error::{Error, Result};
 use crate::logprob::{prefixed_batch, response_batch, response_scores, shared_prompt_batch};
@@ -212,22 +213,43 @@ impl TrainingPass {
     }
 }
 
-/// Where each parameter's gradient goes: its index in `Llama::params()` order.
+/// Where each trainable parameter's gradient goes: its index in
+/// `Llama::trainable_params()` order. A frozen weight (the base under LoRA adapters) has
+/// none, and its gradient is never formed.
 struct ParamIndex(HashMap<String, usize>);
 
 impl ParamIndex {
     fn new(model: &Llama) -> Self {
-        ParamIndex(model.params().iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect())
+        let names = model.trainable_params().into_iter().map(|(n, _)| n);
+        ParamIndex(names.enumerate().map(|(i, n)| (n, i)).collect())
     }
 
-    fn get(&self, name: &str) -> usize {
-        self.0[name]
+    fn get(&self, name: &str) -> Option<usize> {
+        self.0.get(name).copied()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
     }
 }
 
+/// Adds `dyᵀ·x` into the accumulator of `name`, if that parameter trains.
+fn accumulate_weight_grad(
+    grads: &mut [Tensor],
+    index: &ParamIndex,
+    name: &str,
+    dy: &Tensor,
+    x: &Tensor,
+) -> Result<()> {
+    if let Some(k) = index.get(name) {
+        accumulate_matmul(&mut grads[k], &dy.t()?, x)?;
+    }
+    Ok(())
+}
+
 /// Adds the gradient of `Σ_r dsums[r] · logprob_r` (one value per response of the pass,
-/// in its order) with respect to every parameter into `grads` (one tensor per parameter, in
-/// `Llama::params()` order, usually f32; bf16 accumulators are added into with stochastic
+/// in its order) with respect to every trainable parameter into `grads` (one tensor per
+/// parameter, in `Llama::trainable_params()` order: the adapters' alone under LoRA), usually f32; bf16 accumulators are added into with stochastic
 /// rounding, see [`accumulate`]). The pass is consumed: its activations are freed layer by
 /// layer as the backward goes.
 pub fn backward(pass: TrainingPass, dsums: &[f32], grads: &mut [Tensor]) -> Result<()> {
@@ -251,8 +273,8 @@ pub fn backward_after_prefix(
 pub fn prefix_backward(prefix: PrefixPass, grads: &mut [Tensor]) -> Result<()> {
     ops::on_compute_pool(|| {
         let PrefixPass { model, ctx, ids, layers, dk, dv, .. } = prefix;
-        check_accumulators(&model, grads)?;
         let index = ParamIndex::new(&model);
+        check_accumulators(&index, grads)?;
         let dtype = model.dtype();
         // Nothing reads the prefix's last hidden states: its gradient enters through the
         // keys and values only.
@@ -266,12 +288,12 @@ pub fn prefix_backward(prefix: PrefixPass, grads: &mut [Tensor]) -> Result<()> {
     })
 }
 
-fn check_accumulators(model: &Llama, grads: &[Tensor]) -> Result<()> {
-    if grads.len() != model.params().len() {
+fn check_accumulators(index: &ParamIndex, grads: &[Tensor]) -> Result<()> {
+    if grads.len() != index.len() {
         return Err(Error::Input(format!(
-            "{} gradient accumulators for {} parameters",
+            "{} gradient accumulators for {} trainable parameters",
             grads.len(),
-            model.params().len()
+            index.len()
         )));
     }
     Ok(())
@@ -296,14 +318,8 @@ fn backward_here(
                 .into(),
         ));
     }
-    let params = model.params();
-    if grads.len() != params.len() {
-        return Err(Error::Input(format!(
-            "{} gradient accumulators for {} parameters",
-            grads.len(),
-            params.len()
-        )));
-    }
+    let index = ParamIndex::new(&model);
+    check_accumulators(&index, grads)?;
     if dsums.len() != batch.counts.len() {
         return Err(Error::Input(format!(
             "{} output gradients for {} responses",
@@ -311,7 +327,6 @@ fn backward_here(
             batch.counts.len()
         )));
     }
-    let index = ParamIndex::new(&model);
     let cfg = model.config().clone();
     let dtype = model.dtype();
     let device = model.device().clone();
@@ -322,14 +337,16 @@ fn backward_here(
     let dlogits = ops::target_logprob_grad(&logits, &batch.targets, &dtok)?.to_dtype(dtype)?;
     drop(logits);
     let head = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-    accumulate_matmul(&mut grads[index.get(head)], &dlogits.t()?, &hidden)?;
+    accumulate_weight_grad(grads, &index, head, &dlogits, &hidden)?;
     let dhidden = dlogits.matmul(model.lm_head()?)?; // [N, H]
     drop(dlogits);
     let (bt, h) = last.dims2()?;
     let dnormed = Tensor::zeros((bt, h), dtype, &device)?.index_add(&batch.rows, &dhidden, 0)?;
     let (mut dx, dnorm) =
         grad_ops::rms_norm_grad(&last, model.norm_weight(), &dnormed, cfg.rms_norm_eps)?;
-    accumulate(&mut grads[index.get("model.norm.weight")], &dnorm)?;
+    if let Some(k) = index.get("model.norm.weight") {
+        accumulate(&mut grads[k], &dnorm)?;
+    }
 
     for (i, kept) in layers.into_iter().enumerate().rev() {
         let acts = match kept {
@@ -353,9 +370,12 @@ fn embedding_backward(
     index: &ParamIndex,
     grads: &mut [Tensor],
 ) -> Result<()> {
+    let Some(e) = index.get("model.embed_tokens.weight") else {
+        // A frozen embedding: the gradient ends here.
+        return Ok(());
+    };
     let device = model.device().clone();
     let (bt, h) = dx.dims2()?;
-    let e = index.get("model.embed_tokens.weight");
     let rows = ids.unsqueeze(1)?.broadcast_as((bt, h))?.contiguous()?;
     if grads[e].dtype() == DType::BF16 {
         // Scattered into bf16 one token at a time, every add would round to nearest: sum
@@ -403,28 +423,32 @@ fn layer_backward(
     let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
     let rep = nh / nkv;
     let p = format!("model.layers.{i}");
-    let param = |name: &str| index.get(&format!("{p}.{name}"));
+    let norm_grad = |grads: &mut [Tensor], name: &str, g: &Tensor| -> Result<()> {
+        if let Some(k) = index.get(&format!("{p}.{name}")) {
+            accumulate(&mut grads[k], g)?;
+        }
+        Ok(())
+    };
+    let project = |grads: &mut [Tensor], target, w, x: &Tensor, dy: &Tensor| {
+        projection_backward(model, i, target, w, x, dy, index, grads)
+    };
 
     // MLP: y = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2).
     let m = ops::swiglu(&a.gate, &a.up)?;
-    accumulate_matmul(&mut grads[param("mlp.down_proj.weight")], &dy.t()?, &m)?;
+    let dm = project(grads, LoraTarget::Down, w.down, &m, dy)?;
     drop(m);
-    let dm = dy.matmul(w.down)?;
     let (dgate, dup) = grad_ops::swiglu_grad(&a.gate, &a.up, &dm)?;
     drop(dm);
     let h2 = ops::rms_norm(&a.x2, w.post_norm, eps)?;
-    accumulate_matmul(&mut grads[param("mlp.gate_proj.weight")], &dgate.t()?, &h2)?;
-    accumulate_matmul(&mut grads[param("mlp.up_proj.weight")], &dup.t()?, &h2)?;
-    drop(h2);
-    let dh2 = (dgate.matmul(w.gate)? + dup.matmul(w.up)?)?;
-    drop((dgate, dup));
+    let dh2 = (project(grads, LoraTarget::Gate, w.gate, &h2, &dgate)?
+        + project(grads, LoraTarget::Up, w.up, &h2, &dup)?)?;
+    drop((h2, dgate, dup));
     let (dx2, dpost) = grad_ops::rms_norm_grad(&a.x2, w.post_norm, &dh2, eps)?;
-    accumulate(&mut grads[param("post_attention_layernorm.weight")], &dpost)?;
+    norm_grad(grads, "post_attention_layernorm.weight", &dpost)?;
     let dx2 = (dy + dx2)?;
 
     // Attention: x2 = x + o(attn), attn = softmax(scale q kᵀ + mask) v per head.
-    accumulate_matmul(&mut grads[param("self_attn.o_proj.weight")], &dx2.t()?, &a.attn)?;
-    let dattn = dx2.matmul(w.o)?; // [B*T, nh*d]
+    let dattn = project(grads, LoraTarget::O, w.o, &a.attn, &dx2)?; // [B*T, nh*d]
     let dattn = dattn.reshape((b, t, nh, d))?.transpose(1, 2)?.contiguous()?;
     let dattn = dattn.reshape((b, nkv, rep * t, d))?;
     let dprobs = dattn.matmul(&a.v.t()?)?; // [B, nkv, rep*T, P + T]
@@ -455,22 +479,63 @@ fn layer_backward(
     let dk = ops::rope_grad(&dk, &ctx.cos, &ctx.sin)?.reshape((b * t, nkv * d))?;
     let dv = dv.transpose(1, 2)?.contiguous()?.reshape((b * t, nkv * d))?;
     let h1 = ops::rms_norm(&a.x, w.input_norm, eps)?;
-    accumulate_matmul(&mut grads[param("self_attn.q_proj.weight")], &dq.t()?, &h1)?;
-    accumulate_matmul(&mut grads[param("self_attn.k_proj.weight")], &dk.t()?, &h1)?;
-    accumulate_matmul(&mut grads[param("self_attn.v_proj.weight")], &dv.t()?, &h1)?;
+    let dh1 = ((project(grads, LoraTarget::Q, w.q, &h1, &dq)?
+        + project(grads, LoraTarget::K, w.k, &h1, &dk)?)?
+        + project(grads, LoraTarget::V, w.v, &h1, &dv)?)?;
     drop(h1);
-    let dh1 = ((dq.matmul(w.q)? + dk.matmul(w.k)?)? + dv.matmul(w.v)?)?;
     let (dx, din) = grad_ops::rms_norm_grad(&a.x, w.input_norm, &dh1, eps)?;
-    accumulate(&mut grads[param("input_layernorm.weight")], &din)?;
+    norm_grad(grads, "input_layernorm.weight", &din)?;
     Ok((dx2 + dx)?)
 }
 
-/// Zero gradient accumulators for every parameter of `model`, in `params()` order: f32
-/// (so that bf16 gradients of many micro-batches sum without loss), f64 for an f64 model.
+/// The backward of layer `layer`'s projection `target`, `y = x·Wᵀ` plus `s·(x·Aᵀ)·Bᵀ`
+/// where it carries an adapter, given its input `x` and its output's gradient `dy`: adds
+/// the gradients of whichever of `W`, `A` and `B` train into `grads` and returns the
+/// gradient of `x`.
+#[allow(clippy::too_many_arguments)]
+fn projection_backward(
+    model: &Llama,
+    layer: usize,
+    target: LoraTarget,
+    w: &Tensor,
+    x: &Tensor,
+    dy: &Tensor,
+    index: &ParamIndex,
+    grads: &mut [Tensor],
+) -> Result<Tensor> {
+    accumulate_weight_grad(grads, index, &target.base_weight(layer), dy, x)?;
+    let dx = dy.matmul(w)?;
+    let Some(ad) = model.adapter(layer, target) else { return Ok(dx) };
+    let (name_a, name_b) = target.adapter_names(layer);
+    // With dropout the adapter saw drop(x) = x ⊙ mask: the same mask, drawn again.
+    let mask = ad.dropout_mask(x)?;
+    let xd = match &mask {
+        Some(mask) => (x * mask)?,
+        None => x.clone(),
+    };
+    // x·Aᵀ is [N, r]: recomputing it costs a rank-r product, less than keeping it would
+    // cost memory for every projection of every layer.
+    let su = xd.matmul(&ad.a.t()?)?.affine(ad.scale, 0.0)?;
+    accumulate_weight_grad(grads, index, &name_b, dy, &su)?; // dB = s·dyᵀ·(x·Aᵀ)
+    drop(su);
+    let du = dy.matmul(&ad.b)?.affine(ad.scale, 0.0)?; // [N, r]
+    accumulate_weight_grad(grads, index, &name_a, &du, &xd)?; // dA = (s·dy·B)ᵀ·x
+    drop(xd);
+    let dxd = du.matmul(&ad.a)?;
+    let dxd = match &mask {
+        Some(mask) => (dxd * mask)?,
+        None => dxd,
+    };
+    Ok((dx + dxd)?)
+}
+
+/// Zero gradient accumulators for every trainable parameter of `model`, in
+/// `trainable_params()` order (the adapters' alone under LoRA): f32 (so that bf16
+/// gradients of many micro-batches sum without loss), f64 for an f64 model.
 pub fn zero_grads(model: &Llama) -> Result<Vec<Tensor>> {
     let dtype = if model.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
     Ok(model
-        .params()
+        .trainable_params()
         .iter()
         .map(|(_, p)| Tensor::zeros(p.shape(), dtype, p.device()))
         .collect::<candle_core::Result<Vec<_>>>()?)

@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::LlamaConfig;
+use super::lora::{LoraAdapter, LoraAdapters, LoraTarget};
 use super::ops;
 use super::packed::Weight;
 use crate::error::{Error, Result};
@@ -55,6 +56,10 @@ pub struct Llama {
     /// Set at construction; a model packed for inference drops it (the packed weights are
     /// the only copy) and unpacks it again if asked.
     params: OnceLock<Vec<(String, Tensor)>>,
+    /// Low-rank adapters on top of the (then frozen) weights; see `model::lora`.
+    lora: Option<LoraAdapters>,
+    /// The trainable variables: the weights' in `Mode::Trainable`, the adapters' when the
+    /// model carries some, none otherwise.
     vars: Vec<Var>,
     mode: Mode,
     device: Device,
@@ -316,6 +321,7 @@ impl Llama {
             norm,
             lm_head,
             params: OnceLock::from(params),
+            lora: None,
             vars,
             mode,
             device: device.clone(),
@@ -392,19 +398,104 @@ impl Llama {
         Ok(true)
     }
 
-    /// The trainable variables, in the same order as `params` (empty when frozen).
+    /// The trainable variables, in the order of
+    /// [`trainable_params`](Self::trainable_params): every weight in `Mode::Trainable`, the
+    /// adapters' tensors on a model with LoRA adapters, none otherwise.
     pub fn vars(&self) -> &[Var] {
         &self.vars
+    }
+
+    /// The parameters that train, under their names: the adapters' (PEFT names) on a model
+    /// with LoRA adapters, every weight otherwise. Gradient accumulators and optimizer
+    /// state follow this order.
+    pub fn trainable_params(&self) -> Vec<(String, Tensor)> {
+        match &self.lora {
+            Some(lora) => lora.named_tensors(),
+            None => self.params().to_vec(),
+        }
+    }
+
+    /// Puts LoRA adapters on this frozen model: they become its only variables (see
+    /// `model::lora`). The base keeps its weights as they are, packed or not.
+    pub fn with_lora(mut self, adapters: LoraAdapters) -> Result<Llama> {
+        if self.mode != Mode::Frozen {
+            return Err(Error::Input(
+                "LoRA adapters go on a frozen base model (load it with Mode::Frozen)".into(),
+            ));
+        }
+        adapters.check_fits(&self.cfg)?;
+        self.vars = adapters.vars().to_vec();
+        self.lora = Some(adapters);
+        Ok(self)
+    }
+
+    /// The model without its LoRA adapters (the same weights, shared): the frozen base.
+    /// A model without adapters is returned as it is.
+    pub fn without_lora(&self) -> Llama {
+        let mut base = self.clone();
+        if base.lora.take().is_some() {
+            base.vars = Vec::new();
+        }
+        base
+    }
+
+    /// The same model (shared weights and variables) with its LoRA adapters' dropout
+    /// switched on for one training pass, the masks drawn from `seed`
+    /// ([`LoraAdapters::with_dropout`]). A model without adapters, or without dropout, is
+    /// returned as it is.
+    pub fn with_lora_dropout(&self, seed: u64) -> Llama {
+        let mut m = self.clone();
+        if let Some(lora) = &self.lora {
+            m.lora = Some(lora.with_dropout(seed));
+        }
+        m
+    }
+
+    /// The model's LoRA adapters, if it has some.
+    pub fn lora(&self) -> Option<&LoraAdapters> {
+        self.lora.as_ref()
+    }
+
+    /// The base model with the adapters added into its weights (`W + s·B·A`), as a frozen
+    /// model without adapters: what `--save-merged` writes. A model without adapters is
+    /// returned as it is.
+    pub fn merged(&self) -> Result<Llama> {
+        let Some(lora) = &self.lora else { return Ok(self.clone()) };
+        let mut weights: Vec<(String, Tensor)> =
+            self.params().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+        lora.merge_into(&mut weights)?;
+        let weights = weights.into_iter().collect();
+        Llama::from_weights(self.cfg.clone(), weights, Mode::Frozen, self.dtype, &self.device)
     }
 
     /// The same weights (shared storage: updates to the variables show through) as a frozen
     /// model: no autograd graph is built on it, and the fused inference kernels apply.
     pub fn frozen_view(&self) -> Result<Llama> {
         if self.mode == Mode::Frozen {
-            return Ok(self.clone());
+            let mut view = self.clone();
+            if let Some(lora) = &self.lora {
+                view.lora = Some(lora.detached());
+                view.vars = Vec::new();
+            }
+            return Ok(view);
         }
         let weights = self.params().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
         Llama::from_weights(self.cfg.clone(), weights, Mode::Frozen, self.dtype, &self.device)
+    }
+
+    /// The adapter on `target` of layer `layer`, if the model has one there.
+    pub(crate) fn adapter(&self, layer: usize, target: LoraTarget) -> Option<&LoraAdapter> {
+        self.lora.as_ref().and_then(|l| l.get(layer, target))
+    }
+
+    /// Layer `layer`'s projection `target` (base weight `w`) on `x`: `x·Wᵀ`, plus the
+    /// adapter's output where there is one.
+    fn project(&self, layer: usize, target: LoraTarget, w: &Weight, x: &Tensor) -> Result<Tensor> {
+        let y = w.apply(x)?;
+        match self.adapter(layer, target) {
+            Some(ad) => Ok((y + ad.apply(x)?)?),
+            None => Ok(y),
+        }
     }
 
     /// Layer `i`'s weights as tensors, for the backward (an error on a packed model).
@@ -667,9 +758,9 @@ impl Llama {
         let rep = nh / nkv;
 
         let hn = ops::rms_norm(x, &l.input_norm, cfg.rms_norm_eps)?;
-        let q = l.q.apply(&hn)?.reshape((b, t, nh, d))?;
-        let k = l.k.apply(&hn)?.reshape((b, t, nkv, d))?;
-        let v = l.v.apply(&hn)?.reshape((b, t, nkv, d))?;
+        let q = self.project(i, LoraTarget::Q, &l.q, &hn)?.reshape((b, t, nh, d))?;
+        let k = self.project(i, LoraTarget::K, &l.k, &hn)?.reshape((b, t, nkv, d))?;
+        let v = self.project(i, LoraTarget::V, &l.v, &hn)?.reshape((b, t, nkv, d))?;
         let q = ops::rope(&q, &ctx.cos, &ctx.sin)?;
         let k = ops::rope(&k, &ctx.cos, &ctx.sin)?;
         // Grouped-query attention without copying K/V per query head: the `rep` query heads
@@ -693,12 +784,12 @@ impl Llama {
         let attn = probs.matmul(&v)?; // [B, nkv, rep*T, d]
         let attn = attn.reshape((b, nh, t, d))?.transpose(1, 2)?.contiguous()?;
         let attn = attn.reshape((b * t, nh * d))?;
-        let x2 = (x + l.o.apply(&attn)?)?;
+        let x2 = (x + self.project(i, LoraTarget::O, &l.o, &attn)?)?;
 
         let hn = ops::rms_norm(&x2, &l.post_norm, cfg.rms_norm_eps)?;
-        let gate = l.gate.apply(&hn)?;
-        let up = l.up.apply(&hn)?;
-        let mlp = l.down.apply(&ops::swiglu(&gate, &up)?)?;
+        let gate = self.project(i, LoraTarget::Gate, &l.gate, &hn)?;
+        let up = self.project(i, LoraTarget::Up, &l.up, &hn)?;
+        let mlp = self.project(i, LoraTarget::Down, &l.down, &ops::swiglu(&gate, &up)?)?;
         let y = (&x2 + mlp)?;
         Ok((y, LayerActivations { x: x.clone(), q, k, v, probs, attn, x2, gate, up }))
     }
