@@ -15,7 +15,8 @@ OUT_DIR/adapter_after_step.
 
 Set-up (CPU torch is enough):
     python3 -m venv /tmp/peftvenv && /tmp/peftvenv/bin/pip install torch transformers "peft==0.21.2"
-then run the Rust test with DPO_PEFT_PYTHON=/tmp/peftvenv/bin/python.
+then run the Rust test with DPO_PEFT_PYTHON=/tmp/peftvenv/bin/python (add DPO_UPDATE_FIXTURES=1
+to write its output to tests/fixtures/peft_lora/, which the test reads when no Python is set).
 """
 import json
 import os

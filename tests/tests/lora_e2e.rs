@@ -6,9 +6,9 @@
 //! PEFT adapters (config and tensor names) and the base is untouched; `merged/` scores
 //! what base + best adapter score; a crashed LoRA run resumes with the uninterrupted run's
 //! losses; bad flags and a resume across full fine-tuning and LoRA are refused by name.
-//! With `DPO_PEFT_PYTHON` (a Python with torch, transformers and peft), PEFT itself loads
-//! our step-0 adapter, scores the pairs as we do and takes the same RMSprop step
-//! (`tests/conformance/lora_peft.py`).
+//! PEFT itself loads our step-0 adapter, scores the pairs as we do and takes the same
+//! RMSprop step (`tests/conformance/lora_peft.py`; its output for this test is the fixture
+//! `tests/fixtures/peft_lora/`, and it runs live with `DPO_PEFT_PYTHON`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -250,15 +250,13 @@ fn scored(policy: &Llama, pairs: &[EncodedPair], refs: &[RefScores]) -> Vec<Pair
 /// one DPO step on the same pairs with `torch.optim.RMSprop` and with ours (the trainer's
 /// loss, hand-written backward, accumulator and RMSprop) gives the same loss after the step
 /// (1e-4) and the same adapter update (relative 1e-2).
+///
+/// PEFT's side is `tests/fixtures/peft_lora/` (what the script wrote for this test's inputs,
+/// which are deterministic: the tiny checkpoint and the adapters come from fixed seeds), or,
+/// with `DPO_PEFT_PYTHON` set, the script run now; `DPO_UPDATE_FIXTURES=1` then writes it
+/// to the fixture.
 #[test]
 fn peft_loads_our_adapter_and_takes_the_same_step() {
-    let Some(python) = std::env::var_os("DPO_PEFT_PYTHON") else {
-        eprintln!(
-            "DPO_PEFT_PYTHON is not set: PEFT's side of the LoRA check was not run \
-             (tests/conformance/lora_peft.py says how to set up a Python for it)"
-        );
-        return;
-    };
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("tiny");
     write_tiny_checkpoint(&model_dir, &TinySpec::default(), DType::F32, None).unwrap();
@@ -281,16 +279,35 @@ fn peft_loads_our_adapter_and_takes_the_same_step() {
     });
     let spec_path = dir.path().join("spec.json");
     std::fs::write(&spec_path, spec.to_string()).unwrap();
-    let out_dir = dir.path().join("peft");
-    let script = workspace_root().join("tests/conformance/lora_peft.py");
-    let run = Command::new(python)
-        .args([&script, &model_dir, &step0, &spec_path, &out_dir])
-        .output()
-        .unwrap();
-    let report =
-        format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
-    assert!(run.status.success(), "PEFT's side failed:\n{report}");
-    eprintln!("{report}");
+    let fixture = workspace_root().join("tests/fixtures/peft_lora");
+    let out_dir = match std::env::var_os("DPO_PEFT_PYTHON") {
+        None => fixture,
+        Some(python) => {
+            let out_dir = dir.path().join("peft");
+            let script = workspace_root().join("tests/conformance/lora_peft.py");
+            let run = Command::new(python)
+                .args([&script, &model_dir, &step0, &spec_path, &out_dir])
+                .output()
+                .unwrap();
+            let report = format!(
+                "{}{}",
+                String::from_utf8_lossy(&run.stdout),
+                String::from_utf8_lossy(&run.stderr)
+            );
+            assert!(run.status.success(), "PEFT's side failed:\n{report}");
+            eprintln!("{report}");
+            if std::env::var_os("DPO_UPDATE_FIXTURES").is_some() {
+                let after = fixture.join("adapter_after_step");
+                std::fs::create_dir_all(&after).unwrap();
+                std::fs::copy(out_dir.join("peft.json"), fixture.join("peft.json")).unwrap();
+                for f in ["adapter_config.json", "adapter_model.safetensors"] {
+                    std::fs::copy(out_dir.join("adapter_after_step").join(f), after.join(f))
+                        .unwrap();
+                }
+            }
+            out_dir
+        }
+    };
     let peft: Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("peft.json")).unwrap()).unwrap();
     assert_eq!(peft["trainable_tensors"], 2 * 7 * 2);
