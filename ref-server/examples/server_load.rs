@@ -121,7 +121,7 @@ async fn async_main() -> Result<()> {
     let args = Args::parse();
     let (model, hh) = (args.model.clone(), args.hh.clone());
     let engine = tokio::task::spawn_blocking(move || {
-        Engine::load(&model, "cpu", "f32", &LimitArgs::default_for_cli(), &StoreArgs::none())
+        Engine::load(&model, None, "cpu", "f32", &LimitArgs::default_for_cli(), &StoreArgs::none())
     })
     .await??;
     let engine = Arc::new(engine);

@@ -10,7 +10,7 @@
 //! returns is what the miss computed, bit for bit.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,12 +78,35 @@ struct StoreState {
     flights: Arc<SingleFlight>,
 }
 
+/// `loaded` with the PEFT LoRA adapter in `dir` added into its weights (`W + s·B·A`, as
+/// `policy-trainer --save-merged` writes them): the model served is that merged model, and
+/// its fingerprint is the merged weights', the same as the merged checkpoint's. An adapter
+/// for another base is an error naming the file.
+fn with_adapter(
+    mut loaded: dpo_common::model::LoadedModel,
+    dir: &Path,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<dpo_common::model::LoadedModel> {
+    let adapters = dpo_common::model::lora::load_peft(dir, loaded.model.config(), dtype, device)
+        .with_context(|| {
+            format!("cannot use the adapter {} on {}", dir.display(), loaded.source.display())
+        })?;
+    loaded.model = loaded.model.with_lora(adapters)?.merged()?;
+    loaded.fingerprint =
+        dpo_common::fingerprint::model_fingerprint(&loaded.model, &loaded.tokenizer)?;
+    tracing::info!(adapter = %dir.display(), "LoRA adapter merged into the model");
+    loaded.source = PathBuf::from(format!("{} + {}", loaded.source.display(), dir.display()));
+    Ok(loaded)
+}
+
 impl Engine {
     /// Loads the model (blocking: seconds to minutes), opens the score store if `store`
     /// names one, and starts the batcher. A store file in use, unreadable or of another
     /// model is refused (checked before the model loads where it can be).
     pub fn load(
         model: &Path,
+        adapter: Option<&Path>,
         device: &str,
         dtype: &str,
         limits: &LimitArgs,
@@ -99,6 +122,9 @@ impl Engine {
         let started = std::time::Instant::now();
         let mut loaded = load_model(model, Mode::Frozen, dtype, &device)
             .with_context(|| format!("cannot load the reference model {}", model.display()))?;
+        if let Some(dir) = adapter {
+            loaded = with_adapter(loaded, dir, dtype, &device)?;
+        }
         let cfg = loaded.model.config().clone();
         let limits = limits
             .resolve(cfg.max_position_embeddings)
@@ -495,7 +521,9 @@ mod tests {
 
     fn load(model: &Path, store: Option<&Path>) -> Arc<Engine> {
         let store = StoreArgs { score_store: store.map(Path::to_path_buf), ..StoreArgs::none() };
-        Arc::new(Engine::load(model, "cpu", "f32", &LimitArgs::default_for_cli(), &store).unwrap())
+        Arc::new(
+            Engine::load(model, None, "cpu", "f32", &LimitArgs::default_for_cli(), &store).unwrap(),
+        )
     }
 
     fn pair(prompt: &[u32], chosen: &[u32], rejected: &[u32]) -> v1::ScoreItem {

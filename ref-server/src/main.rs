@@ -43,6 +43,10 @@ struct ServeArgs {
     /// Model: a Hugging Face directory or a .gguf file.
     #[arg(long)]
     model: PathBuf,
+    /// A LoRA adapter in PEFT's format (a LoRA run's best/ or last/), added into --model's
+    /// weights: the model served is base + adapter, as `--save-merged` would write it.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -136,6 +140,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             serve(ServeOptions {
                 token: load_token(a.auth_token_file.as_deref())?,
                 model: a.model,
+                adapter: a.adapter,
                 device: a.device,
                 dtype: a.dtype,
                 listen: a.listen,
@@ -155,6 +160,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     let engine = tokio::task::spawn_blocking(move || {
                         Engine::load(
                             &model,
+                            None,
                             &device,
                             &dtype,
                             &LimitArgs::default_for_cli(),

@@ -30,6 +30,8 @@ use crate::service::ReferenceService;
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub model: PathBuf,
+    /// A PEFT LoRA adapter directory merged into `model` before serving.
+    pub adapter: Option<PathBuf>,
     pub device: String,
     pub dtype: String,
     pub listen: String,
@@ -176,7 +178,14 @@ fn load_in_background(
     tokio::spawn(async move {
         let started = std::time::Instant::now();
         let loaded = tokio::task::spawn_blocking(move || {
-            Engine::load(&opts.model, &opts.device, &opts.dtype, &opts.limits, &opts.store)
+            Engine::load(
+                &opts.model,
+                opts.adapter.as_deref(),
+                &opts.device,
+                &opts.dtype,
+                &opts.limits,
+                &opts.store,
+            )
         })
         .await;
         match loaded {

@@ -417,3 +417,70 @@ fn dropout_runs_start_at_ln2_and_repeat() {
     assert!((a[0] - std::f64::consts::LN_2).abs() < 1e-5, "{a:?}");
     assert!(a[3] < a[0], "{a:?}");
 }
+
+/// `ref-server serve --adapter DIR` serves base + adapter: the same model, fingerprint and
+/// scores as the merged checkpoint `--save-merged` writes; an adapter for another base is
+/// refused at start-up naming the adapter.
+#[test]
+fn a_server_serves_base_plus_adapter_as_the_merged_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    write_tiny_checkpoint(&model, &TinySpec::default(), DType::F32, None).unwrap();
+    let server = Server::start(&model, &[], dir.path());
+    let run_dir = dir.path().join("run");
+    let out = run(&trainer_args(&model, &server.url, &run_dir, 4), &["--save-merged"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let best = run_dir.join("best");
+
+    let (adapter_logs, merged_logs) = (dir.path().join("adapter"), dir.path().join("merged"));
+    std::fs::create_dir_all(&adapter_logs).unwrap();
+    std::fs::create_dir_all(&merged_logs).unwrap();
+    let with_adapter = Server::start(&model, &["--adapter", best.to_str().unwrap()], &adapter_logs);
+    let merged = Server::start(&run_dir.join("merged"), &[], &merged_logs);
+    let info = |url: &str| -> Value {
+        let out =
+            Command::new(binary("ref-server")).args(["info", "--server", url]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (a, m, b) = (info(&with_adapter.url), info(&merged.url), info(&server.url));
+    assert_eq!(a["fingerprint"], m["fingerprint"], "base + adapter is the merged model");
+    assert_ne!(a["fingerprint"], b["fingerprint"], "the adapter changed nothing");
+    assert!(a["source"].as_str().unwrap().contains("best"), "{a}");
+
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"prompt\":\"a b c\",\"chosen\":\"d e\",\"rejected\":\"f\"}\n")
+        .unwrap();
+    let score = |url: &str, name: &str| -> Value {
+        let output = dir.path().join(name);
+        let out = Command::new(binary("ref-server"))
+            .args(["score", "--server", url, "--template", "raw", "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        read_jsonl(&output).remove(0)
+    };
+    let (sa, sm) = (score(&with_adapter.url, "a.jsonl"), score(&merged.url, "m.jsonl"));
+    for key in ["chosen_logprob", "rejected_logprob"] {
+        let (x, y) = (f(&sa, key), f(&sm, key));
+        assert!((x - y).abs() < 1e-4, "{key}: adapter {x}, merged {y}");
+    }
+
+    // An adapter for a wider base does not fit this one.
+    let wide = dir.path().join("wide");
+    write_tiny_checkpoint(&wide, &TinySpec { hidden: 64, ..TinySpec::default() }, DType::F32, None)
+        .unwrap();
+    let refused = Command::new(binary("ref-server"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--model"])
+        .arg(&wide)
+        .arg("--adapter")
+        .arg(&best)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(err.contains("adapter") && err.contains(best.to_str().unwrap()), "{err}");
+}
