@@ -82,7 +82,7 @@ struct StoreState {
 /// `policy-trainer --save-merged` writes them): the model served is that merged model, and
 /// its fingerprint is the merged weights', the same as the merged checkpoint's. An adapter
 /// for another base is an error naming the file.
-fn with_adapter(
+pub(crate) fn with_adapter(
     mut loaded: dpo_common::model::LoadedModel,
     dir: &Path,
     dtype: candle_core::DType,

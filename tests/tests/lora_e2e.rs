@@ -469,6 +469,40 @@ fn a_server_serves_base_plus_adapter_as_the_merged_model() {
         assert!((x - y).abs() < 1e-4, "{key}: adapter {x}, merged {y}");
     }
 
+    // dpo-eval --model BASE --adapter DIR evaluates what the merged checkpoint does.
+    let mmlu = workspace_root().join("tests/fixtures/eval/mmlu");
+    let evaluate = |extra: &[&str], name: &str| -> Value {
+        let report = dir.path().join(name);
+        let out = Command::new(binary("dpo-eval"))
+            .args(["mmlu", "--by-logprob", "--template", "raw", "--input"])
+            .arg(&mmlu)
+            .arg("--out")
+            .arg(&report)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap()
+    };
+    let merged_dir = run_dir.join("merged");
+    let e_adapter = evaluate(
+        &["--model", model.to_str().unwrap(), "--adapter", best.to_str().unwrap()],
+        "ea.json",
+    );
+    let e_merged = evaluate(&["--model", merged_dir.to_str().unwrap()], "em.json");
+    for key in ["accuracy", "n"] {
+        assert_eq!(e_adapter["metrics"][key], e_merged["metrics"][key], "{key}");
+    }
+    assert!(e_adapter["metrics"]["n"].as_f64() > Some(0.0), "{e_adapter}");
+    let no_model = Command::new(binary("dpo-eval"))
+        .args(["mmlu", "--server", &server.url, "--input"])
+        .arg(&mmlu)
+        .arg("--adapter")
+        .arg(&best)
+        .output()
+        .unwrap();
+    assert!(!no_model.status.success(), "--adapter without --model was accepted");
+
     // An adapter for a wider base does not fit this one.
     let wide = dir.path().join("wide");
     write_tiny_checkpoint(&wide, &TinySpec { hidden: 64, ..TinySpec::default() }, DType::F32, None)

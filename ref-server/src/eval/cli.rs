@@ -104,6 +104,10 @@ pub(super) struct ModelArgs {
     /// or a .gguf. Either this or --server.
     #[arg(long, value_name = "PATH")]
     pub(super) model: Option<PathBuf>,
+    /// With --model: a LoRA adapter in PEFT's format (a LoRA run's `best/`), added into
+    /// --model's weights before evaluating (base + adapter, as `--save-merged` writes it).
+    #[arg(long, value_name = "DIR", requires = "model")]
+    pub(super) adapter: Option<PathBuf>,
     /// The benchmark file in its released format (`.gz` is read too).
     #[arg(long)]
     pub(super) input: PathBuf,

@@ -50,6 +50,9 @@ impl ModelArgs {
                 let dtype = parse_dtype(&self.dtype)?;
                 let mut loaded = load_model(path, Mode::Frozen, dtype, &device)
                     .with_context(|| format!("loading {}", path.display()))?;
+                if let Some(dir) = &self.adapter {
+                    loaded = crate::engine::with_adapter(loaded, dir, dtype, &device)?;
+                }
                 loaded.model.pack_for_inference()?;
                 Backend::Local(Box::new(Local { loaded, model_arg: path.display().to_string() }))
             }
