@@ -24,7 +24,7 @@
 #   --device DEV          policy device (default: cuda:1 with DPO_CUDA=1, else cpu)
 #   --dtype D             f32|bf16|f16 for both models (default f32); --ref-dtype D: server only
 #   --listen ADDR:PORT    ref-server address (default 127.0.0.1:0 for `all`, 0.0.0.0:50051 for `ref`)
-#   --ref-server URL      (train) the server to use; `none` for a reference-free loss
+#   --ref-server URL      (train) the server (a,b,c: replicas; dns:///HOST:PORT); `none`: reference-free
 #   --score-store FILE    the server's score store (all: default OUT/score-store.redb); give
 #                         runs of a sweep the same FILE to compute reference scores once
 #   --loss SPEC           passed on; a reference-free one (simpo, sft) starts no server
