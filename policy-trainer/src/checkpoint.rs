@@ -66,6 +66,10 @@ pub struct TrainerState {
     /// Identity of the training data (hash of the tokenized pairs and the split), so a
     /// resume on different data or flags is refused instead of silently diverging.
     pub data_fingerprint: String,
+    /// The `--loss` spec the run trains with; empty in the state of a run saved before it
+    /// was recorded.
+    #[serde(default)]
+    pub loss: String,
 }
 
 pub fn best_dir(out: &Path) -> PathBuf {

@@ -122,7 +122,7 @@ impl Trainer {
         let mut optimizer = RmsProp::new(policy.vars(), rmsprop_config(&args))?;
         let data_fp = data_fingerprint(&train_set, &val_set, args.seed);
         let state = match resumed {
-            Some(state) => restore(&args, state, &data_fp, &mut optimizer)?,
+            Some(state) => restore(&args, state, &data_fp, &loss, &mut optimizer)?,
             None => TrainerState {
                 step: 0,
                 epoch: 0,
@@ -134,6 +134,7 @@ impl Trainer {
                 seed: args.seed,
                 start_fingerprint,
                 data_fingerprint: data_fp,
+                loss: loss.to_string(),
             },
         };
         let metrics =
@@ -804,6 +805,7 @@ fn restore(
     args: &TrainArgs,
     state: TrainerState,
     data_fp: &str,
+    loss: &LossSpec,
     optimizer: &mut RmsProp,
 ) -> Result<TrainerState> {
     anyhow::ensure!(
@@ -812,6 +814,15 @@ fn restore(
          fingerprint {}, now {data_fp})",
         args.out.display(),
         state.data_fingerprint
+    );
+    // Another loss would continue the run as a different experiment under the same name.
+    let loss = loss.to_string();
+    anyhow::ensure!(
+        state.loss.is_empty() || state.loss == loss,
+        "--resume: the run in {} trains with --loss {}, not {loss}; resume it with its \
+         own loss, or start a new run in another --out",
+        args.out.display(),
+        state.loss
     );
     let path = checkpoint::last_dir(&args.out).join(checkpoint::OPTIMIZER_STATE);
     optimizer

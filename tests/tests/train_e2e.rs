@@ -157,6 +157,15 @@ fn trains_selects_best_and_resumes() {
 
     let mut args = trainer_args(&model, &server.url, &killed, 10);
     args.push("--resume".into());
+    // Nor resumes it with another loss.
+    let other_loss = Command::new(binary("policy-trainer"))
+        .args(&args)
+        .args(["--loss", "ipo"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&other_loss.stderr);
+    assert!(!other_loss.status.success(), "resumed with another loss:\n{err}");
+    assert!(err.contains("--loss sigmoid, not ipo"), "{err}");
     let out = Command::new(binary("policy-trainer")).args(&args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "resume failed:\n{stderr}");
