@@ -5,7 +5,9 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use dpo_common::testing::workspace_root;
+use candle_core::{DType, Device};
+use dpo_common::model::{load_model, Mode};
+use dpo_common::testing::{workspace_root, write_tiny_checkpoint, TinySpec};
 use serde_json::Value;
 
 use crate::{binary, read_jsonl};
@@ -58,5 +60,32 @@ pub fn wait_for_step(run: &mut Child, out: &Path, step: u64) {
         }
         assert!(Instant::now() < deadline, "the run never logged step {step}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Two tiny checkpoints in `dir` that differ only in their random weights, `tiny` (the
+/// default spec) and `other`, with their fingerprints.
+pub fn two_models(dir: &Path) -> [(std::path::PathBuf, String); 2] {
+    let default_seed = TinySpec::default().seed;
+    [("tiny", default_seed), ("other", default_seed + 1)].map(|(name, seed)| {
+        let path = dir.join(name);
+        write_tiny_checkpoint(&path, &TinySpec { seed, ..TinySpec::default() }, DType::F32, None)
+            .unwrap();
+        let fingerprint =
+            load_model(&path, Mode::Frozen, DType::F32, &Device::Cpu).unwrap().fingerprint;
+        (path, fingerprint)
+    })
+}
+
+/// A disturbed run logged every one of the undisturbed run's steps once, with its losses
+/// (reference scores do not depend on which server process computed them).
+pub fn assert_same_losses(got: &[(u64, f64)], want: &[(u64, f64)], steps: usize) {
+    assert_eq!(got.len(), steps, "every step logged once: {got:?}");
+    assert_eq!(
+        got.iter().map(|s| s.0).collect::<Vec<_>>(),
+        want.iter().map(|s| s.0).collect::<Vec<_>>()
+    );
+    for ((step, a), (_, b)) in got.iter().zip(want) {
+        assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "step {step}: {a} vs {b}");
     }
 }

@@ -111,3 +111,13 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect()
 }
+
+/// The records of one `kind` ("train", "eval") of a trainer's metrics log.
+pub fn of_kind(records: &[serde_json::Value], kind: &str) -> Vec<serde_json::Value> {
+    records.iter().filter(|r| r["kind"] == kind).cloned().collect()
+}
+
+/// A record's number `key`, failing the test naming the key when it is missing.
+pub fn number(record: &serde_json::Value, key: &str) -> f64 {
+    record[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {record}"))
+}

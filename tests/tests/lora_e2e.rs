@@ -20,7 +20,7 @@ use dpo_common::model::backward;
 use dpo_common::model::lora::{self, LoraAdapters, LoraConfig, LoraTarget};
 use dpo_common::model::{load_model, Llama, Mode};
 use dpo_common::testing::{workspace_root, write_tiny_checkpoint, TinySpec};
-use dpo_tests::{binary, read_jsonl, Server};
+use dpo_tests::{binary, number as f, of_kind as kind, read_jsonl, Server};
 use policy_trainer::loss::{batch_loss, LossFlags, LossSpec, PairLogps};
 use policy_trainer::metrics::METRICS_FILE;
 use policy_trainer::optim::{GradAccumulator, RmsProp, RmsPropConfig};
@@ -77,14 +77,6 @@ fn trainer_args(model: &Path, url: &str, out: &Path, max_steps: usize) -> Vec<St
 
 fn run(args: &[String], extra: &[&str]) -> Output {
     Command::new(binary("policy-trainer")).args(args).args(extra).output().unwrap()
-}
-
-fn kind(records: &[Value], k: &str) -> Vec<Value> {
-    records.iter().filter(|r| r["kind"] == k).cloned().collect()
-}
-
-fn f(v: &Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
 #[test]

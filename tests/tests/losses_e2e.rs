@@ -13,7 +13,7 @@ use std::process::{Command, Output};
 
 use candle_core::DType;
 use dpo_common::testing::{workspace_root, write_tiny_checkpoint, TinySpec};
-use dpo_tests::{binary, read_jsonl, Server};
+use dpo_tests::{binary, number as f, read_jsonl, Server};
 use policy_trainer::metrics::METRICS_FILE;
 use serde_json::Value;
 
@@ -58,10 +58,6 @@ fn finished(out: &Output, dir: &Path, what: &str) -> Run {
     assert_eq!(run.trains.len(), 2, "{what}: the run did not finish its steps");
     assert_eq!(run.evals.len(), 2, "{what}: evaluations at steps 0 and 2");
     run
-}
-
-fn f(v: &Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
 /// The step-0 values (first training step and step-0 validation) equal `expected`, which the

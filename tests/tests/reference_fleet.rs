@@ -9,10 +9,9 @@
 use std::path::Path;
 use std::process::Stdio;
 
-use candle_core::{DType, Device};
-use dpo_common::model::{load_model, Mode};
+use candle_core::DType;
 use dpo_common::testing::{write_tiny_checkpoint, TinySpec};
-use dpo_tests::faults::{short_run, train_losses, wait_for_step};
+use dpo_tests::faults::{assert_same_losses, short_run, train_losses, two_models, wait_for_step};
 use dpo_tests::Server;
 
 fn replicas(model: &Path, dir: &Path, n: usize) -> Vec<Server> {
@@ -76,23 +75,13 @@ fn a_run_spreads_over_three_replicas_and_survives_losing_one() {
     let calm = dir.path().join("undisturbed-run");
     let single = short_run(&model, &fleet[0].url, &calm, false).output().unwrap();
     assert!(single.status.success(), "{}", String::from_utf8_lossy(&single.stderr));
-    let (got, want) = (train_losses(&out), train_losses(&calm));
-    assert_eq!(got.len(), 6, "every step logged once: {got:?}");
-    for ((step, a), (_, b)) in got.iter().zip(&want) {
-        assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "step {step}: {a} vs {b}");
-    }
+    assert_same_losses(&train_losses(&out), &train_losses(&calm), 6);
 }
 
 #[test]
 fn replicas_serving_different_models_are_refused_before_training() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny");
-    let other = dir.path().join("other");
-    write_tiny_checkpoint(&model, &TinySpec::default(), DType::F32, None).unwrap();
-    write_tiny_checkpoint(&other, &TinySpec { seed: 2, ..TinySpec::default() }, DType::F32, None)
-        .unwrap();
-    let fingerprint =
-        |m: &Path| load_model(m, Mode::Frozen, DType::F32, &Device::Cpu).unwrap().fingerprint;
+    let [(model, model_fp), (other, other_fp)] = two_models(dir.path());
     let mut fleet = replicas(&model, dir.path(), 1);
     fleet.extend(replicas(&other, &dir.path().join("other-replica"), 1));
     let out = dir.path().join("run");
@@ -100,9 +89,7 @@ fn replicas_serving_different_models_are_refused_before_training() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success(), "a run trained against two models:\n{stderr}");
     assert!(stderr.contains("replicas serve different models"), "{stderr}");
-    for needle in
-        [fingerprint(&model), fingerprint(&other), fleet[0].url.clone(), fleet[1].url.clone()]
-    {
+    for needle in [model_fp, other_fp, fleet[0].url.clone(), fleet[1].url.clone()] {
         assert!(stderr.contains(&needle), "{needle} missing:\n{stderr}");
     }
     assert!(train_losses_if_any(&out).is_empty(), "it trained before refusing");

@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use candle_core::{DType, Device};
-use dpo_common::model::{load_model, Mode};
+use candle_core::DType;
 use dpo_common::testing::{write_tiny_checkpoint, TinySpec};
-use dpo_tests::faults::{free_port, short_run as trainer, train_losses, wait_for_step};
+use dpo_tests::faults::{
+    assert_same_losses, free_port, short_run as trainer, train_losses, two_models, wait_for_step,
+};
 use dpo_tests::Server;
 
 /// Starts a run against a server on a fixed port, kills the server (SIGKILL) once step 2
@@ -64,28 +65,13 @@ fn a_run_survives_its_reference_server_killed_and_restarted() {
     let undisturbed = trainer(&model, &server.url, &calm, false).output().unwrap();
     assert!(undisturbed.status.success(), "{}", String::from_utf8_lossy(&undisturbed.stderr));
 
-    let (got, want) = (train_losses(&out), train_losses(&calm));
-    assert_eq!(got.len(), 6, "every step logged once: {got:?}");
-    assert_eq!(
-        got.iter().map(|s| s.0).collect::<Vec<_>>(),
-        want.iter().map(|s| s.0).collect::<Vec<_>>()
-    );
-    for ((step, a), (_, b)) in got.iter().zip(&want) {
-        assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "step {step}: {a} vs {b}");
-    }
+    assert_same_losses(&train_losses(&out), &train_losses(&calm), 6);
 }
 
 #[test]
 fn a_server_back_with_another_model_ends_the_run_naming_both() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny");
-    let other = dir.path().join("other");
-    write_tiny_checkpoint(&model, &TinySpec::default(), DType::F32, None).unwrap();
-    write_tiny_checkpoint(&other, &TinySpec { seed: 2, ..TinySpec::default() }, DType::F32, None)
-        .unwrap();
-    let fingerprint =
-        |m: &Path| load_model(m, Mode::Frozen, DType::F32, &Device::Cpu).unwrap().fingerprint;
-    let (was, now) = (fingerprint(&model), fingerprint(&other));
+    let [(model, was), (other, now)] = two_models(dir.path());
     assert_ne!(was, now);
     let (status, stderr, out) = run_through_a_restart(dir.path(), &model, &other);
     assert!(!status.success(), "a run went on against another model:\n{stderr}");

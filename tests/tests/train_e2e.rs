@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use dpo_common::model::{load_model, Mode};
 use dpo_common::testing::{workspace_root, write_tiny_checkpoint, TinySpec};
-use dpo_tests::{binary, read_jsonl, Server};
+use dpo_tests::{binary, number as f, of_kind as kind, read_jsonl, Server};
 use policy_trainer::metrics::{tensorboard_scalars, METRICS_FILE};
 use policy_trainer::plot::CHART_FILE;
 use policy_trainer::tensorboard::read_scalars;
@@ -64,14 +64,6 @@ fn trainer_args(model: &Path, url: &str, out: &Path, max_steps: usize) -> Vec<St
     .iter()
     .map(|s| s.to_string())
     .collect()
-}
-
-fn kind(records: &[Value], k: &str) -> Vec<Value> {
-    records.iter().filter(|r| r["kind"] == k).cloned().collect()
-}
-
-fn f(v: &Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
 #[test]
