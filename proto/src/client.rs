@@ -36,8 +36,8 @@ pub struct ClientOptions {
     pub ca_cert: Option<PathBuf>,
     /// Name to verify the server certificate against (default: the URL's host).
     pub tls_domain: Option<String>,
-    /// How long one connection attempt may take; [`ReplicaClient::connect_waiting`] also waits
-    /// this long, in all, for the server to report SERVING.
+    /// How long one connection attempt may take; [`crate::fleet::RefClient::connect_waiting`]
+    /// also waits this long, in all, for a replica to report SERVING.
     pub connect_timeout: Duration,
     /// Largest message sent or accepted, in bytes.
     pub max_message_bytes: usize,
@@ -344,14 +344,6 @@ impl ReplicaClient {
             ),
         };
         Ok(Prepared { url, endpoint, header })
-    }
-
-    /// [`connect`](Self::connect), then waits until the server reports SERVING: a server
-    /// still loading its model, not listening yet or briefly unreachable is retried with
-    /// backoff for up to `opts.connect_timeout` in all. Every client that is about to use
-    /// a server connects this way.
-    pub async fn connect_waiting(opts: &ClientOptions) -> Result<ReplicaClient, ClientError> {
-        Self::wait_until_serving(opts, opts.connect_timeout).await
     }
 
     /// Connects and waits until the server's health check reports SERVING, for at most
@@ -734,7 +726,7 @@ pub(crate) mod tests {
         let early = ReplicaClient::connect(&opts).await.unwrap();
         assert!(!early.health().await.unwrap());
         let t = Instant::now();
-        let client = ReplicaClient::connect_waiting(&opts).await.unwrap();
+        let client = ReplicaClient::wait_until_serving(&opts, opts.connect_timeout).await.unwrap();
         assert!(client.health().await.unwrap());
         assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
     }
@@ -744,7 +736,9 @@ pub(crate) mod tests {
         // A free port, closed again; the server binds it only after the client has started.
         let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let opts = options(addr, Duration::from_secs(20));
-        let waiting = tokio::spawn(async move { ReplicaClient::connect_waiting(&opts).await });
+        let waiting = tokio::spawn(async move {
+            ReplicaClient::wait_until_serving(&opts, opts.connect_timeout).await
+        });
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(!waiting.is_finished());
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -759,10 +753,13 @@ pub(crate) mod tests {
         let addr = listener.local_addr().unwrap();
         let _stop = health_server(listener, Duration::from_secs(3600));
         let t = Instant::now();
-        let err = ReplicaClient::connect_waiting(&options(addr, Duration::from_secs(1)))
-            .await
-            .err()
-            .expect("never SERVING");
+        let err = ReplicaClient::wait_until_serving(
+            &options(addr, Duration::from_secs(1)),
+            Duration::from_secs(1),
+        )
+        .await
+        .err()
+        .expect("never SERVING");
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
         let msg = err.to_string();
         assert!(msg.contains(&format!("http://{addr}")), "{msg}");
@@ -790,10 +787,16 @@ pub(crate) mod tests {
             connect_timeout: Duration::from_secs(30),
             ..ClientOptions::default()
         };
-        let err = ReplicaClient::connect_waiting(&opts).await.err().expect("bad token");
+        let err = ReplicaClient::wait_until_serving(&opts, opts.connect_timeout)
+            .await
+            .err()
+            .expect("bad token");
         assert!(matches!(err, ClientError::BadToken(_)), "{err}");
         let opts = ClientOptions { url: "ftp://x".into(), ..opts };
-        let err = ReplicaClient::connect_waiting(&opts).await.err().expect("bad URL");
+        let err = ReplicaClient::wait_until_serving(&opts, opts.connect_timeout)
+            .await
+            .err()
+            .expect("bad URL");
         assert!(matches!(err, ClientError::BadUrl { .. }), "{err}");
         assert!(t.elapsed() < Duration::from_secs(5));
     }
