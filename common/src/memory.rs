@@ -279,8 +279,9 @@ pub fn predict_peak_bytes(cfg: &LlamaConfig, mc: &MemoryConfig) -> MemoryPlan {
 
     let layer = total(&layer_kept_tensors(cfg, b, t, wd));
     let head = total(&head_kept_tensors(cfg, b, t, r as usize, 2 * b, true, wd));
-    // Adapters are stored in the weights' dtype beside the base.
-    let weights = (p + mc.adapters.map_or(0, |a| a.params)) * wb;
+    // Adapters beside the base, in f32 on a narrower base (`lora::adapter_dtype`).
+    let adapter_bytes = crate::model::lora::adapter_dtype(wd).size_in_bytes() as u64;
+    let weights = p * wb + mc.adapters.map_or(0, |a| a.params) * adapter_bytes;
     let mut plan = MemoryPlan { weights, ..MemoryPlan::default() };
     match mc.role {
         Role::Reference => {

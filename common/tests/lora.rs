@@ -108,32 +108,36 @@ fn assert_close(m: &Llama, got: &[Tensor], want: &[Tensor], tol: f64, what: &str
 
 #[test]
 fn untrained_adapters_leave_the_base_model_exactly() {
-    let plain = base(DType::F32);
-    let cfg = plain.config().clone();
-    let adapters =
-        LoraAdapters::init(&cfg, lora_config(&LoraTarget::ALL), 1, DType::F32, &Device::Cpu)
-            .unwrap();
-    // PEFT's initialisation: A uniform in ±1/√in, B zero.
-    for (name, t) in adapters.named_tensors() {
-        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-        if name.contains("lora_B") {
-            assert!(v.iter().all(|&x| x == 0.0), "{name}");
-        } else {
-            let bound = 1.0 / (t.dim(1).unwrap() as f32).sqrt();
-            assert!(v.iter().all(|x| x.abs() <= bound), "{name}");
-            let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
-            assert!(max > 0.8 * bound, "{name}: A should fill its range ({max} of {bound})");
+    // On an f32 base and on a bf16 one, whose adapters are f32 all the same (as PEFT's).
+    for dtype in [DType::F32, DType::BF16] {
+        let plain = base(dtype);
+        let cfg = plain.config().clone();
+        let adapters =
+            LoraAdapters::init(&cfg, lora_config(&LoraTarget::ALL), 1, dtype, &Device::Cpu)
+                .unwrap();
+        // PEFT's initialisation: A uniform in ±1/√in, B zero.
+        for (name, t) in adapters.named_tensors() {
+            assert_eq!(t.dtype(), DType::F32, "{name} on a {dtype:?} base");
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            if name.contains("lora_B") {
+                assert!(v.iter().all(|&x| x == 0.0), "{name}");
+            } else {
+                let bound = 1.0 / (t.dim(1).unwrap() as f32).sqrt();
+                assert!(v.iter().all(|x| x.abs() <= bound), "{name}");
+                let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert!(max > 0.8 * bound, "{name}: A should fill its range ({max} of {bound})");
+            }
         }
+        let adapted = plain.clone().with_lora(adapters).unwrap();
+        let g = groups();
+        let a = shared_prompt_logprobs(&plain, &g).unwrap().sums_vec().unwrap();
+        let b = shared_prompt_logprobs(&adapted, &g).unwrap().sums_vec().unwrap();
+        assert_eq!(a, b, "{dtype:?}: B = 0, the adapters add exact zeros");
+        // The trainable parameters are the adapters alone: 2 per target per layer.
+        assert_eq!(adapted.vars().len(), 2 * 7 * cfg.num_hidden_layers);
+        assert_eq!(zero_grads(&adapted).unwrap().len(), adapted.vars().len());
+        assert!(plain.vars().is_empty());
     }
-    let adapted = plain.clone().with_lora(adapters).unwrap();
-    let g = groups();
-    let a = shared_prompt_logprobs(&plain, &g).unwrap().sums_vec().unwrap();
-    let b = shared_prompt_logprobs(&adapted, &g).unwrap().sums_vec().unwrap();
-    assert_eq!(a, b, "B = 0: the adapters add exact zeros");
-    // The trainable parameters are the adapters alone: 2 per target per layer.
-    assert_eq!(adapted.vars().len(), 2 * 7 * cfg.num_hidden_layers);
-    assert_eq!(zero_grads(&adapted).unwrap().len(), adapted.vars().len());
-    assert!(plain.vars().is_empty());
 }
 
 fn check(dtype: DType, targets: &[LoraTarget], shared: bool, checkpoint: bool, tol: f64) {
@@ -359,9 +363,9 @@ fn bad_configurations_are_named() {
     assert!(trainable.with_lora(adapters).is_err());
 }
 
-/// bf16 weights and adapters (the large-model setting), f32 gradient sums: the adapters'
-/// gradients are those of autograd through the same bf16 forward, up to bf16 rounding, and
-/// near f32's.
+/// bf16 weights (the large-model setting) with f32 adapters and f32 gradient sums: the
+/// adapters' gradients are those of autograd through the same bf16 forward, up to bf16
+/// rounding, and near f32's.
 #[test]
 fn bf16_adapter_gradients_follow_autograd_and_f32() {
     let g = groups();
@@ -376,6 +380,7 @@ fn bf16_adapter_gradients_follow_autograd_and_f32() {
     let (m32, f32_grads) = run(DType::F32);
     let (m16, got) = run(DType::BF16);
     assert!(got.iter().all(|g| g.dtype() == DType::F32));
+    assert!(m16.vars().iter().all(|v| v.dtype() == DType::F32), "f32 adapters on bf16");
     let autograd = autograd_grads(&m16, &sequences(&g), &w);
     let worst = |a: &[Tensor], b: &[Tensor]| {
         a.iter().zip(b).map(|(x, y)| rel_err(x, y)).fold(0f64, f64::max)

@@ -18,11 +18,12 @@ pub fn binary(name: &str) -> PathBuf {
     let path = dir.join(name);
     if !path.exists() {
         let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", name, "--bin", name])
+            // By binary name alone: `dpo-eval` is a binary of the `policy-trainer` package.
+            .args(["build", "--bin", name])
             .current_dir(workspace_root())
             .status()
             .expect("run cargo build");
-        assert!(status.success(), "cargo build -p {name} failed");
+        assert!(status.success(), "cargo build --bin {name} failed");
     }
     path
 }

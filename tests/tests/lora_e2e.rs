@@ -206,6 +206,51 @@ fn bad_lora_flags_are_refused_by_name() {
     fails(&["--lora-dropout", "1"], "c", &["--lora-dropout"]);
 }
 
+/// A bf16 base trains f32 adapters (PEFT's default): at DPO's learning rates an RMSprop
+/// step moves an entry of `A` by about `10·lr`, far under bf16's spacing at its size, yet
+/// every entry moves, and the saved adapter is f32.
+#[test]
+fn a_bf16_base_trains_f32_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    write_tiny_checkpoint(&model, &TinySpec::default(), DType::F32, None).unwrap();
+    // The reference in bf16 too: the fingerprint check compares the weights as computed.
+    let server = Server::start(&model, &["--dtype", "bf16"], dir.path());
+    let out_dir = dir.path().join("bf16");
+    let mut args = trainer_args(&model, &server.url, &out_dir, 3);
+    let lr = args.iter().position(|a| a == "--lr").unwrap() + 1;
+    args[lr] = "1e-6".into();
+    let out = run(&args, &["--dtype", "bf16"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let init = LoraAdapters::init(
+        &dpo_common::testing::tiny_config(&TinySpec::default()),
+        LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: LoraTarget::ALL.to_vec() },
+        7,
+        DType::BF16,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let saved = candle_core::safetensors::load(
+        out_dir.join("last/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (mut moved, mut total, mut largest) = (0usize, 0usize, 0f32);
+    for (name, start) in init.named_tensors().into_iter().filter(|(n, _)| n.contains("lora_A")) {
+        let now = &saved[&name];
+        assert_eq!(now.dtype(), DType::F32, "{name}");
+        let start = start.to_dtype(DType::F32).unwrap();
+        let d: Vec<f32> = (now - &start).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        moved += d.iter().filter(|x| **x != 0.0).count();
+        total += d.len();
+        largest = d.iter().fold(largest, |m, x| m.max(x.abs()));
+    }
+    assert!(saved.values().all(|t| t.dtype() == DType::F32));
+    assert!(moved * 10 > total * 9, "only {moved} of {total} entries of A moved");
+    assert!(largest < 1e-4, "an RMSprop step of lr 1e-6 moved A by {largest}");
+}
+
 /// The pairs of the PEFT check: token ids of the tiny model's byte vocabulary.
 fn peft_pairs() -> Vec<EncodedPair> {
     let pair = |p: &[u32], c: &[u32], r: &[u32]| EncodedPair {

@@ -507,6 +507,8 @@ fn projection_backward(
     let dx = dy.matmul(w)?;
     let Some(ad) = model.adapter(layer, target) else { return Ok(dx) };
     let (name_a, name_b) = target.adapter_names(layer);
+    // The adapter path computes in the adapter's dtype (f32 on a bf16 base).
+    let (x, dy) = (&ad.input(x)?, &ad.input(dy)?);
     // With dropout the adapter saw drop(x) = x ⊙ mask: the same mask, drawn again.
     let mask = ad.dropout_mask(x)?;
     let xd = match &mask {
@@ -526,6 +528,7 @@ fn projection_backward(
         Some(mask) => (dxd * mask)?,
         None => dxd,
     };
+    let dxd = dxd.to_dtype(dx.dtype())?;
     Ok((dx + dxd)?)
 }
 

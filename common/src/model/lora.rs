@@ -11,6 +11,12 @@
 //! base's weights get none. Checkpoints hold the adapters in PEFT's format
 //! ([`save_peft`], [`load_peft`]): `adapter_config.json` and `adapter_model.safetensors`
 //! with tensors named `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`.
+//!
+//! Adapters are kept in f32 on any base narrower than f32 ([`adapter_dtype`]), as PEFT
+//! does by default (`autocast_adapter_dtype`): an RMSprop step at DPO's learning rates
+//! moves an entry of `A` by a few parts in 10⁴ of its size, well under bf16's spacing, so
+//! bf16 adapters would train only through rounding noise. The adapter path casts its input
+//! to f32 and its output back to the base's dtype; the memory is the adapters' alone.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -204,6 +210,16 @@ impl LoraConfig {
     }
 }
 
+/// The dtype adapters are kept in on a base model of `model_dtype`: f64 on an f64 model,
+/// f32 otherwise (see the module doc).
+pub fn adapter_dtype(model_dtype: DType) -> DType {
+    if model_dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// One projection's adapter: `A` `[r, in]`, `B` `[out, r]` and the scale `alpha / r`.
 #[derive(Clone)]
 pub(crate) struct LoraAdapter {
@@ -216,15 +232,23 @@ pub(crate) struct LoraAdapter {
 }
 
 impl LoraAdapter {
-    /// `s·(drop(x)·Aᵀ)·Bᵀ` for `x` `[N, in]`: `[N, out]`. The rank-r product goes first, so
-    /// the cost is `r·(in + out)` per row, never `in·out`.
+    /// `s·(drop(x)·Aᵀ)·Bᵀ` for `x` `[N, in]`: `[N, out]`, in `x`'s dtype (computed in the
+    /// adapter's). The rank-r product goes first, so the cost is `r·(in + out)` per row,
+    /// never `in·out`.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let x = match self.dropout_mask(x)? {
-            Some(mask) => (x * mask)?,
-            None => x.clone(),
+        let xa = self.input(x)?;
+        let xa = match self.dropout_mask(&xa)? {
+            Some(mask) => (xa * mask)?,
+            None => xa,
         };
-        let u = x.matmul(&self.a.t()?)?;
-        Ok(u.matmul(&self.b.t()?)?.affine(self.scale, 0.0)?)
+        let u = xa.matmul(&self.a.t()?)?;
+        Ok(u.matmul(&self.b.t()?)?.affine(self.scale, 0.0)?.to_dtype(x.dtype())?)
+    }
+
+    /// `t` in the adapter's dtype, as the adapter path computes with it (a no-op when the
+    /// base's dtype is the adapter's).
+    pub fn input(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.to_dtype(self.a.dtype())?)
     }
 
     /// The dropout mask for an input shaped like `x` (`[N, in]`): each element `1/(1-p)`
@@ -271,11 +295,12 @@ impl LoraAdapters {
     /// Fresh adapters for a model of `cfg`, initialised as PEFT does (see the module doc)
     /// from `seed`: each adapter's `A` draws from its own stream (of the seed, the layer and
     /// the target), so the initialisation of one does not depend on which others exist.
+    /// Stored in [`adapter_dtype`]`(model_dtype)`.
     pub fn init(
         cfg: &LlamaConfig,
         config: LoraConfig,
         seed: u64,
-        dtype: DType,
+        model_dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         config.validate(cfg)?;
@@ -302,19 +327,20 @@ impl LoraAdapters {
                 weights.insert(nb, Tensor::zeros((out, config.rank), DType::F32, &Device::Cpu)?);
             }
         }
-        Self::from_tensors(cfg, config, weights, dtype, device)
+        Self::from_tensors(cfg, config, weights, model_dtype, device)
     }
 
     /// Adapters from tensors under PEFT's names, checked against `cfg` and `config`: every
-    /// adapter present with its shape, nothing else. Converted to `dtype` on `device`, as
-    /// trainable variables.
+    /// adapter present with its shape, nothing else. Converted to the adapter dtype of a
+    /// `model_dtype` base ([`adapter_dtype`]) on `device`, as trainable variables.
     pub fn from_tensors(
         cfg: &LlamaConfig,
         config: LoraConfig,
         mut weights: HashMap<String, Tensor>,
-        dtype: DType,
+        model_dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        let dtype = adapter_dtype(model_dtype);
         let scale = config.scale();
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         let mut vars = Vec::new();
@@ -613,12 +639,13 @@ pub fn is_adapter_dir(dir: &Path) -> bool {
 }
 
 /// Reads a PEFT adapter directory for a base model of `cfg`: its configuration and its
-/// tensors, as trainable variables of `dtype` on `device`. A shape that does not fit the
-/// base (another model) is an error naming the tensor and the file.
+/// tensors, as trainable variables on `device` in the adapter dtype of a `model_dtype` base
+/// ([`adapter_dtype`]). A shape that does not fit the base (another model) is an error
+/// naming the tensor and the file.
 pub fn load_peft(
     dir: &Path,
     cfg: &LlamaConfig,
-    dtype: DType,
+    model_dtype: DType,
     device: &Device,
 ) -> Result<LoraAdapters> {
     let config_path = dir.join(ADAPTER_CONFIG);
@@ -645,6 +672,6 @@ pub fn load_peft(
             ));
         }
     }
-    LoraAdapters::from_tensors(cfg, config, weights, dtype, device)
+    LoraAdapters::from_tensors(cfg, config, weights, model_dtype, device)
         .map_err(|e| Error::file(&path, format!("{e} (is the adapter for another base model?)")))
 }
