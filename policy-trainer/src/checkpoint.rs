@@ -80,20 +80,29 @@ pub fn last_dir(out: &Path) -> PathBuf {
     out.join(LAST_DIR)
 }
 
+/// The base model a LoRA policy adapts: `--model` and its fingerprint.
+#[derive(Debug, Clone, Copy)]
+pub struct Base<'a> {
+    pub path: &'a Path,
+    pub fingerprint: &'a str,
+}
+
 /// Writes the policy to `dir` (atomically) with the files `write_extra` adds: the whole
 /// model as a Hugging Face directory, or under LoRA its adapters as a PEFT directory (with
-/// the tokenizer, as TRL saves one) naming `base_model`.
+/// the tokenizer, as TRL saves one) naming `base`, with `base`'s fingerprint beside it
+/// (`lora::ADAPTER_BASE`).
 fn save_policy_with(
     model: &Llama,
     tokenizer: &LlamaTokenizer,
-    base_model: &Path,
+    base: Base,
     dir: &Path,
     write_extra: impl FnOnce(&Path) -> dpo_common::Result<()>,
 ) -> dpo_common::Result<()> {
     match model.lora() {
         Some(adapters) => {
-            let base = base_model.display().to_string();
-            lora::save_peft_with(adapters, &base, dir, |tmp| {
+            let base_model = base.path.display().to_string();
+            lora::save_peft_with(adapters, &base_model, dir, |tmp| {
+                lora::write_adapter_base(tmp, &base_model, base.fingerprint)?;
                 tokenizer.save_hf(tmp)?;
                 write_extra(tmp)
             })
@@ -102,21 +111,19 @@ fn save_policy_with(
     }
 }
 
-/// Saves the best policy so far (atomically replacing the previous one); `base_model` is
-/// the `--model` a LoRA adapter applies to.
+/// Saves the best policy so far (atomically replacing the previous one); `base` is the
+/// `--model` a LoRA adapter applies to.
 pub fn save_best(
     out: &Path,
     model: &Llama,
     tokenizer: &LlamaTokenizer,
-    base_model: &Path,
+    base: Base,
     meta: &BestMeta,
 ) -> Result<PathBuf> {
     let dir = best_dir(out);
     let meta = serde_json::to_vec_pretty(meta)?;
-    save_policy_with(model, tokenizer, base_model, &dir, |tmp| {
-        write_file(&tmp.join(BEST_META), &meta)
-    })
-    .with_context(|| format!("cannot save the best checkpoint to {}", dir.display()))?;
+    save_policy_with(model, tokenizer, base, &dir, |tmp| write_file(&tmp.join(BEST_META), &meta))
+        .with_context(|| format!("cannot save the best checkpoint to {}", dir.display()))?;
     Ok(dir)
 }
 
@@ -126,13 +133,13 @@ pub fn save_last(
     out: &Path,
     model: &Llama,
     tokenizer: &LlamaTokenizer,
-    base_model: &Path,
+    base: Base,
     optimizer: &RmsProp,
     state: &TrainerState,
 ) -> Result<PathBuf> {
     let dir = last_dir(out);
     let state = serde_json::to_vec_pretty(state)?;
-    save_policy_with(model, tokenizer, base_model, &dir, |tmp| {
+    save_policy_with(model, tokenizer, base, &dir, |tmp| {
         write_file(&tmp.join(TRAINER_STATE), &state)?;
         let path = tmp.join(OPTIMIZER_STATE);
         optimizer.save(&path).map_err(|e| dpo_common::Error::file(&path, format!("{e:#}")))

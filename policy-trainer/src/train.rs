@@ -309,8 +309,7 @@ impl Trainer {
             value,
             eval: serde_json::to_value(record)?,
         };
-        let (out, base) = (&self.args.out, &self.args.model);
-        checkpoint::save_best(out, &self.policy, &self.tokenizer, base, &meta)?;
+        checkpoint::save_best(&self.args.out, &self.policy, &self.tokenizer, self.base(), &meta)?;
         Ok(true)
     }
 
@@ -323,6 +322,11 @@ impl Trainer {
         }
     }
 
+    /// `--model`, the base a LoRA policy adapts: the model the run started from.
+    fn base(&self) -> checkpoint::Base<'_> {
+        checkpoint::Base { path: &self.args.model, fingerprint: &self.state.start_fingerprint }
+    }
+
     /// Writes `last/` (model, optimizer and trainer state) and the reference-score cache.
     pub fn save_last(&self) -> Result<()> {
         if let Some(scorer) = &self.scorer {
@@ -332,7 +336,7 @@ impl Trainer {
             &self.args.out,
             &self.policy,
             &self.tokenizer,
-            &self.args.model,
+            self.base(),
             &self.optimizer,
             &self.state,
         )?;

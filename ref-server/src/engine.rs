@@ -81,14 +81,17 @@ struct StoreState {
 /// `loaded` with the PEFT LoRA adapter in `dir` added into its weights (`W + s·B·A`, as
 /// `policy-trainer --save-merged` writes them): the model served is that merged model, and
 /// its fingerprint is the merged weights', the same as the merged checkpoint's. An adapter
-/// for another base is an error naming the file.
+/// for another base (other shapes, or another fingerprint than the one its trainer
+/// recorded) is an error naming the file.
 pub(crate) fn with_adapter(
     mut loaded: dpo_common::model::LoadedModel,
     dir: &Path,
     dtype: candle_core::DType,
     device: &candle_core::Device,
 ) -> Result<dpo_common::model::LoadedModel> {
-    let adapters = dpo_common::model::lora::load_peft(dir, loaded.model.config(), dtype, device)
+    use dpo_common::model::lora;
+    let adapters = lora::check_adapter_base(dir, &loaded.source, &loaded.fingerprint)
+        .and_then(|()| lora::load_peft(dir, loaded.model.config(), dtype, device))
         .with_context(|| {
             format!("cannot use the adapter {} on {}", dir.display(), loaded.source.display())
         })?;

@@ -554,4 +554,38 @@ fn a_server_serves_base_plus_adapter_as_the_merged_model() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{err}");
     assert!(err.contains("adapter") && err.contains(best.to_str().unwrap()), "{err}");
+
+    // Nor on a base of the same shapes with other weights: the trainer recorded its base's
+    // fingerprint beside the adapter, and the server and dpo-eval check it.
+    let base_record: Value =
+        serde_json::from_slice(&std::fs::read(best.join(lora::ADAPTER_BASE)).unwrap()).unwrap();
+    assert_eq!(base_record["base_fingerprint"], b["fingerprint"], "{base_record}");
+    let other = dir.path().join("other");
+    write_tiny_checkpoint(&other, &TinySpec { seed: 2, ..TinySpec::default() }, DType::F32, None)
+        .unwrap();
+    let refused = Command::new(binary("ref-server"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--model"])
+        .arg(&other)
+        .arg("--adapter")
+        .arg(&best)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    for wanted in [lora::ADAPTER_BASE, "trained on", model.to_str().unwrap()] {
+        assert!(err.contains(wanted), "`{wanted}` not in:\n{err}");
+    }
+    let refused = Command::new(binary("dpo-eval"))
+        .args(["mmlu", "--by-logprob", "--template", "raw", "--input"])
+        .arg(&mmlu)
+        .arg("--out")
+        .arg(dir.path().join("refused.json"))
+        .arg("--model")
+        .arg(&other)
+        .arg("--adapter")
+        .arg(&best)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains(lora::ADAPTER_BASE), "{err}");
 }

@@ -38,6 +38,11 @@ const MASK_CHUNK: usize = 1 << 14;
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 /// PEFT's name for the adapter's weights.
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// Beside PEFT's files, the base an adapter was trained on: its path and fingerprint
+/// (`crate::fingerprint`), so that loading the adapter onto another base of the same shapes
+/// (say the base model where it was trained on the instruct one) is refused, not silently
+/// merged. PEFT ignores the file.
+pub const ADAPTER_BASE: &str = "adapter_base.json";
 
 /// A projection of a decoder layer that can carry an adapter, named as PEFT's
 /// `target_modules` name it.
@@ -627,6 +632,46 @@ pub fn save_peft_with(
 /// [`save_peft_with`] without extra files.
 pub fn save_peft(adapters: &LoraAdapters, base_model: &str, dir: &Path) -> Result<()> {
     save_peft_with(adapters, base_model, dir, |_| Ok(()))
+}
+
+/// Writes [`ADAPTER_BASE`] into `dir`: the adapter was trained on `base_model`, whose
+/// fingerprint is `fingerprint`.
+pub fn write_adapter_base(dir: &Path, base_model: &str, fingerprint: &str) -> Result<()> {
+    let record = json!({ "base_model_name_or_path": base_model, "base_fingerprint": fingerprint });
+    let bytes = serde_json::to_vec_pretty(&record)
+        .map_err(|e| Error::Input(format!("serializing JSON: {e}")))?;
+    write_file(&dir.join(ADAPTER_BASE), &bytes)
+}
+
+/// Checks that the adapter in `dir` was trained on `model` (whose fingerprint is
+/// `fingerprint`), as far as `dir` says: an adapter without [`ADAPTER_BASE`] (one PEFT
+/// wrote) records no base, and only its shapes can be checked ([`load_peft`]).
+pub fn check_adapter_base(dir: &Path, model: &Path, fingerprint: &str) -> Result<()> {
+    let path = dir.join(ADAPTER_BASE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::file(&path, e)),
+    };
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::file(&path, format!("invalid JSON: {e}")))?;
+    let recorded = v
+        .get("base_fingerprint")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::file(&path, "no `base_fingerprint`"))?;
+    if recorded != fingerprint {
+        let trained_on = v.get("base_model_name_or_path").and_then(Value::as_str).unwrap_or("?");
+        return Err(Error::file(
+            &path,
+            format!(
+                "the adapter was trained on {trained_on} ({recorded}), not on {} ({fingerprint}); \
+                 load it on the base it was trained on (if the two are the same model in \
+                 another format, remove this file to load it anyway)",
+                model.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn write_file_sync(path: &Path) -> Result<()> {
