@@ -5,6 +5,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use dpo_common::model::lora;
+
 use crate::checkpoint;
 use crate::metrics::{EvalResult, METRICS_FILE};
 use crate::plot::CHART_FILE;
@@ -35,8 +37,9 @@ pub struct RunOutputs {
     pub tensorboard: Option<PathBuf>,
     /// `merged/` (`--save-merged`): the base with the LoRA adapter merged in.
     pub merged: Option<PathBuf>,
-    /// True when `best/` and `last/` hold LoRA adapters rather than whole models.
-    pub adapters: bool,
+    /// When `best/` and `last/` hold LoRA adapters rather than whole models: the base model
+    /// they adapt (`base_model_name_or_path`).
+    pub adapter_base: Option<String>,
 }
 
 impl RunOutputs {
@@ -50,9 +53,10 @@ impl RunOutputs {
             chart: existing(out.join(CHART_FILE)),
             tensorboard: has_event_files(out).then(|| out.to_path_buf()),
             merged: existing(out.join(checkpoint::MERGED_DIR)),
-            adapters: [checkpoint::best_dir(out), checkpoint::last_dir(out)]
+            adapter_base: [checkpoint::best_dir(out), checkpoint::last_dir(out)]
                 .iter()
-                .any(|d| checkpoint::holds_adapter(d)),
+                .find(|d| checkpoint::holds_adapter(d))
+                .map(|d| lora::base_model_of(d).unwrap_or_else(|| "the --model base".into())),
         }
     }
 }
@@ -92,12 +96,16 @@ impl fmt::Display for RunSummary {
             }
             _ => lines.push("best:    none saved (no evaluation after step 0)".into()),
         }
-        if outputs.adapters {
-            lines.push(
-                "adapter: best/ and last/ hold LoRA adapters in PEFT's format, for the --model \
-                 base"
-                    .into(),
-            );
+        if let Some(base) = &outputs.adapter_base {
+            lines.push(format!(
+                "adapter: best/ and last/ hold LoRA adapters in PEFT's format for {base}"
+            ));
+            if let Some(best) = &outputs.best {
+                lines.push(format!(
+                    "serve:   ref-server serve --model {base} --adapter {}",
+                    best.display()
+                ));
+            }
         }
         for (label, path) in [
             ("merged: ", &outputs.merged),

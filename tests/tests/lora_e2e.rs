@@ -93,6 +93,12 @@ fn lora_trains_saves_peft_adapters_merges_and_resumes() {
     assert!(stderr.contains("LoRA: rank 4, alpha 8 (scale 2)"), "{stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("LoRA adapters in PEFT's format"), "{stdout}");
+    let serve = format!(
+        "ref-server serve --model {} --adapter {}",
+        model.display(),
+        full.join("best").display()
+    );
+    assert!(stdout.contains(&serve), "{stdout}");
     assert!(stdout.contains("merged:"), "{stdout}");
 
     let records = read_jsonl(&full.join(METRICS_FILE));

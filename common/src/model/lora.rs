@@ -678,6 +678,14 @@ fn write_file_sync(path: &Path) -> Result<()> {
     std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::file(path, e))
 }
 
+/// The base model a PEFT adapter directory names (`base_model_name_or_path`), if it names
+/// one.
+pub fn base_model_of(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(ADAPTER_CONFIG)).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    v.get("base_model_name_or_path").and_then(Value::as_str).map(str::to_string)
+}
+
 /// True if `dir` holds a PEFT adapter (its `adapter_config.json`).
 pub fn is_adapter_dir(dir: &Path) -> bool {
     dir.join(ADAPTER_CONFIG).is_file()
