@@ -24,7 +24,7 @@
 #   deploy/gpu-check.sh                  # both parts present: every step
 # or one part at a time (the stage on that machine keeps what came before):
 #   deploy/gpu-check.sh --steps 3        # with part a only
-#   deploy/gpu-check.sh --steps 1,2      # after part b has been added
+#   deploy/gpu-check.sh --steps 1,2,4    # after part b has been added
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"

@@ -6,12 +6,14 @@
 #   1  SmolLM2 response log-probs on the GPU (f32 and bf16) against the CPU's f32 values
 #   2  ref-server and policy-trainer together on the one GPU: 20 DPO steps on SmolLM2 (bf16),
 #      the step-0 validation loss must be ln 2 (policy = reference)
+#   4  the same with LoRA (--lora-rank 16): ln 2 at step 0, and f32 adapters saved in PEFT's
+#      format (run before 3)
 #   3  a random-weight model of Llama 3.1 8B's shape, written here, trained alone on the GPU:
 #      step time, tokens/s, peak GPU memory, MFU against the measured bf16 matmul rate
 #
 #   deploy/gpu-check.sh                      # all steps on cuda:0 (bundle parts a and b there)
 #   deploy/gpu-check.sh --steps 3            # the 8B step only (needs bundle part a only)
-#   deploy/gpu-check.sh --steps 1,2          # the SmolLM2 steps (need the whole GGUF: a and b)
+#   deploy/gpu-check.sh --steps 1,2,4        # the SmolLM2 steps (need the whole GGUF: a and b)
 #   deploy/gpu-check.sh --stage-only         # move the bundle part(s) into the stage, run nothing
 #   deploy/gpu-check.sh --dry-run            # on CPU: tiny random models everywhere, the
 #                                            #   same commands and table (checks the plumbing)
@@ -36,7 +38,7 @@ started=$(date +%s)
 source deploy/gpu/lib.sh
 source deploy/gpu/steps.sh
 
-device="" steps=1,2,3 bundle="" bin="" model="" budget=570 dry=0 stage_only=0 big_steps=4
+device="" steps=1,2,3,4 bundle="" bin="" model="" budget=570 dry=0 stage_only=0 big_steps=4
 copy_to=${OUT:-}
 stage=${DPO_GPU_STAGE:-/var/tmp/dpo-gpu-check}
 need() { [[ $# -ge 2 ]] || { echo "gpu-check: $1 needs a value" >&2; exit 2; }; }
@@ -52,7 +54,7 @@ while [[ $# -gt 0 ]]; do
     --copy-to) need "$@"; copy_to=$2; shift 2 ;;
     --dry-run) dry=1; shift ;;
     --stage-only) stage_only=1; shift ;;
-    -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -118,6 +120,8 @@ want_step() { [[ ,$steps, == *,$1,* ]]; }
 failed=0
 if want_step 1; then step_logprobs || failed=1; fi
 if want_step 2; then step_dpo || failed=1; fi
+# LoRA before the 8B step: minutes on SmolLM2, where the 8B step takes what budget is left.
+if want_step 4; then step_lora || failed=1; fi
 if want_step 3; then step_big || failed=1; fi
 
 table=$work/table.txt

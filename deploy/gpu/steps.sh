@@ -1,4 +1,4 @@
-# The three checks of deploy/gpu-check.sh (sourced, not run). Each records its results
+# The checks of deploy/gpu-check.sh (sourced, not run). Each records its results
 # (lib.sh's `record`) and returns non-zero when a check did not pass. They read the
 # driver's variables: bin, tools, model, device, stage, work, dry and the shapes below.
 
@@ -39,10 +39,24 @@ step_logprobs() {
 
 # 2: deploy/run.sh's DPO run on SmolLM2, server and trainer on the one device, bf16.
 step_dpo() {
-  rm -f "$stage"/results/2*
-  local log=$work/2-dpo.log what="DPO $dpo_steps steps, server + trainer on $device" s measure
+  dpo_run 2 "DPO $dpo_steps steps, server + trainer on $device" "$work/dpo"
+}
+
+# 4: the same run with LoRA r=16 on every projection: bf16 base, f32 adapters.
+step_lora() {
+  dpo_run 4 "LoRA r=16 DPO $dpo_steps steps, server + trainer on $device" "$work/lora" --lora-rank 16
+}
+
+# One deploy/run.sh DPO run on SmolLM2 in bf16 on the device, recorded as check ID:
+# `dpo_run ID WHAT OUT [TRAINER FLAGS...]`. Under LoRA the adapter in OUT/best (or last)
+# is checked too.
+dpo_run() {
+  local id=$1 what=$2 out=$3 s measure adapter=()
+  shift 3
+  rm -f "$stage/results/$id"
+  local log=$work/$id-dpo.log
   if [[ -z $model ]]; then
-    record 2 FAIL "$what" "no SmolLM2 GGUF staged: copy bundle part b too"
+    record "$id" FAIL "$what" "no SmolLM2 GGUF staged: copy bundle part b too"
     return 1
   fi
   s=$(date +%s)
@@ -51,16 +65,17 @@ step_dpo() {
   local extra=()
   [[ $dry == 1 ]] && extra=(--val-size 8 --eval-every 1 --batch-size 2 --micro-batch 2 --max-length 64)
   if ! bounded "$(limit_for 240)" "$log" env DPO_BIN_DIR="$bin" deploy/run.sh --model "$model" \
-    --ref-device "$device" --device "$device" --dtype bf16 --out "$work/dpo" \
-    --max-steps "$dpo_steps" --no-progress "${extra[@]}"; then
-    record 2 FAIL "$what" "run.sh failed or timed out (see $log)"
+    --ref-device "$device" --device "$device" --dtype bf16 --out "$out" \
+    --max-steps "$dpo_steps" --no-progress "${extra[@]}" "$@"; then
+    record "$id" FAIL "$what" "run.sh failed or timed out (see $log)"
     return 1
   fi
-  if ! measure=$(python3 deploy/gpu/check_dpo_run.py "$work/dpo/metrics.jsonl" "$dpo_steps" 2>>"$log"); then
-    record 2 FAIL "$what" "reading the run's metrics failed (see $log)"
+  [[ " $* " == *" --lora-rank "* ]] && adapter=(--adapter "$out/best" --adapter "$out/last")
+  if ! measure=$(python3 deploy/gpu/check_dpo_run.py "$out/metrics.jsonl" "$dpo_steps" "${adapter[@]}" 2>>"$log"); then
+    record "$id" FAIL "$what" "reading the run's metrics failed (see $log)"
     return 1
   fi
-  record 2 "${measure%%$'\t'*}" "$what" "${measure#*$'\t'}; $(($(date +%s) - s)) s in all"
+  record "$id" "${measure%%$'\t'*}" "$what" "${measure#*$'\t'}; $(($(date +%s) - s)) s in all"
   [[ ${measure%%$'\t'*} == PASS ]]
 }
 
