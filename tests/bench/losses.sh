@@ -7,7 +7,7 @@
 # it, the validation reward accuracy and margin at the end, and the validation loss at step 0
 # (policy = reference) and at the end.
 #
-#   tests/bench/losses.sh                 # every row (about 25 minutes on 2 idle CPU cores)
+#   tests/bench/losses.sh                 # every row (about 30 minutes on 2 idle CPU cores)
 #   tests/bench/losses.sh ipo simpo       # only these rows (by the name in the first column)
 #
 # Sizes (environment): STEPS (20), BATCH (8), MICRO (4), VAL (64), LR (1e-5),
@@ -51,6 +51,8 @@ rows=(
   "sigmoid_norm|--loss sigmoid_norm"
   "rpo|--loss sigmoid --sft-weight 0.5"
   "simpo|--loss simpo --beta 2 --gamma-beta-ratio 0.5 --ref-server none"
+  "sigmoid, LoRA r=16|--loss sigmoid --lora-rank 16"
+  "sigmoid, LoRA r=16, lr 1e-4|--loss sigmoid --lora-rank 16 --lr 1e-4"
 )
 if [[ $# -gt 0 ]]; then
   picked=()
