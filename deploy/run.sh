@@ -10,6 +10,7 @@
 #   deploy/run.sh --model /models/Llama-3.1-8B-Instruct --lr 1e-6 --batch-size 64
 #   deploy/run.sh --loss ipo                     # another loss (docs/training.md#losses)
 #   deploy/run.sh --loss simpo                   # reference-free: no ref-server is started
+#   deploy/run.sh --lora-rank 16 --lr 1e-4       # LoRA: PEFT adapters on a frozen base
 #
 # Separate hosts (same flags for auth/TLS on both sides):
 #   host A:  deploy/run.sh ref --listen 0.0.0.0:50051 --auth-token-file token.txt
@@ -40,7 +41,7 @@ cd "$root"
 mode=all
 case ${1:-} in
   all|ref|train) mode=$1; shift ;;
-  -h|--help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 
 model="" data="" hh_dir="" out="" ref_device="" device="" listen="" ref_server="" dtype="" ref_dtype="" loss=""
