@@ -14,7 +14,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::{ops, Llama, PrefixKv, TokenLayout};
+use crate::model::{at_least_f32, ops, Llama, PrefixKv, TokenLayout};
 
 /// A tokenized (prompt, response) sequence.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -370,10 +370,7 @@ pub(crate) fn response_scores(
 ) -> Result<ResponseLogProbs> {
     // The log-softmax reads the logits in f32 (f64 stays f64); the same copy serves the
     // mean, so it is made once either way.
-    let logits = match logits.dtype() {
-        DType::F64 => logits.clone(),
-        _ => logits.to_dtype(DType::F32)?,
-    };
+    let logits = logits.to_dtype(at_least_f32(logits.dtype()))?;
     let per_token = ops::target_logprob(&logits, &batch.targets)?;
     let member = batch.member.to_dtype(per_token.dtype())?;
     let segment_sums = |per_position: &Tensor| -> Result<Tensor> {

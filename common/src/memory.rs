@@ -25,7 +25,7 @@ use std::fmt;
 use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
-use crate::model::LlamaConfig;
+use crate::model::{at_least_f32, lora, LlamaConfig};
 
 /// Which side of DPO the process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,7 +238,7 @@ pub fn head_kept_tensors(
     d: DType,
 ) -> Vec<Saved> {
     let (h, v, half) = (cfg.hidden_size, cfg.vocab_size, cfg.head_dim / 2);
-    let f = if d == DType::F64 { d } else { DType::F32 };
+    let f = at_least_f32(d);
     let (mask, tables) = if shared { (b * t * t, b * t * half) } else { (t * t, t * half) };
     vec![
         saved("attention mask", mask, d),
@@ -280,7 +280,7 @@ pub fn predict_peak_bytes(cfg: &LlamaConfig, mc: &MemoryConfig) -> MemoryPlan {
     let layer = total(&layer_kept_tensors(cfg, b, t, wd));
     let head = total(&head_kept_tensors(cfg, b, t, r as usize, 2 * b, true, wd));
     // Adapters beside the base, in f32 on a narrower base (`lora::adapter_dtype`).
-    let adapter_bytes = crate::model::lora::adapter_dtype(wd).size_in_bytes() as u64;
+    let adapter_bytes = lora::adapter_dtype(wd).size_in_bytes() as u64;
     let weights = p * wb + mc.adapters.map_or(0, |a| a.params) * adapter_bytes;
     let mut plan = MemoryPlan { weights, ..MemoryPlan::default() };
     match mc.role {

@@ -31,7 +31,7 @@ use candle_core::{DType, Tensor};
 use super::grad_ops::{self, accumulate, accumulate_matmul};
 use super::llama::{LayerActivations, LayerContext};
 use super::lora::LoraTarget;
-use super::{ops, Llama, PrefixKv};
+use super::{at_least_f32, ops, Llama, PrefixKv};
 use crate::error::{Error, Result};
 use crate::logprob::{prefixed_batch, response_batch, response_scores, shared_prompt_batch};
 use crate::logprob::{MeanLogits, ResponseBatch, ResponseLogProbs};
@@ -170,7 +170,7 @@ pub fn forward_prefix(model: &Llama, ids: &[u32]) -> Result<PrefixPass> {
     ops::on_compute_pool(|| {
         let model = model.frozen_view()?;
         let (kv, ctx, layers) = model.prefix_pass(ids)?;
-        let acc_dtype = if model.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        let acc_dtype = at_least_f32(model.dtype());
         let zeros = |t: &Tensor| t.zeros_like()?.to_dtype(acc_dtype);
         let dk = layers.iter().map(|a| zeros(&a.k)).collect::<candle_core::Result<_>>()?;
         let dv = layers.iter().map(|a| zeros(&a.v)).collect::<candle_core::Result<_>>()?;
@@ -536,7 +536,7 @@ fn projection_backward(
 /// `trainable_params()` order (the adapters' alone under LoRA): f32 (so that bf16
 /// gradients of many micro-batches sum without loss), f64 for an f64 model.
 pub fn zero_grads(model: &Llama) -> Result<Vec<Tensor>> {
-    let dtype = if model.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let dtype = at_least_f32(model.dtype());
     Ok(model
         .trainable_params()
         .iter()

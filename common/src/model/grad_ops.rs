@@ -128,9 +128,9 @@ pub fn rms_norm_grad(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> CResult<(T
         let rows = both.dim(0)? - 1;
         return Ok((both.narrow(0, 0, rows)?.reshape(x.shape())?, both.get(rows)?));
     }
-    // In f32 at least, as the forward normalises (f64 stays f64 for the gradient checks).
+    // In f32 at least, as the forward normalises.
     let dtype = x.dtype();
-    let work = if dtype == candle_core::DType::F64 { dtype } else { candle_core::DType::F32 };
+    let work = super::at_least_f32(dtype);
     let x2 = x.to_dtype(work)?.reshape(((), h))?;
     let g2 = g.to_dtype(work)?.reshape(((), h))?;
     let w = w.to_dtype(work)?;

@@ -26,6 +26,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
+use super::at_least_f32;
 use super::config::LlamaConfig;
 use super::save::{atomic_dir_write, write_file};
 use crate::data::SplitMix64;
@@ -218,11 +219,7 @@ impl LoraConfig {
 /// The dtype adapters are kept in on a base model of `model_dtype`: f64 on an f64 model,
 /// f32 otherwise (see the module doc).
 pub fn adapter_dtype(model_dtype: DType) -> DType {
-    if model_dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
+    at_least_f32(model_dtype)
 }
 
 /// One projection's adapter: `A` `[r, in]`, `B` `[out, r]` and the scale `alpha / r`.
@@ -516,7 +513,7 @@ impl LoraAdapters {
                 })?;
                 let w = &weights[i].1;
                 // f32 at least: a bf16 sum would round the delta away where it is small.
-                let dtype = if w.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+                let dtype = at_least_f32(w.dtype());
                 let merged = (w.to_dtype(dtype)? + ad.delta(dtype)?.to_device(w.device())?)?;
                 weights[i].1 = merged.to_dtype(w.dtype())?;
             }

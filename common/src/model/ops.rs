@@ -7,11 +7,11 @@
 //! candle ops, which autograd differentiates on its own. Both paths give the same numbers
 //! (tested below), so the frozen and trainable model share one forward.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::grad_ops;
 use super::kernel::{fast_path, for_each_row, inv_rms, slice, CResult};
+use super::{at_least_f32, grad_ops};
 
 /// Runs `f` on a worker thread of rayon's global pool (inline when already on one) and
 /// waits for it. candle's CPU kernels, gemm and [`for_each_row`] fan out to that pool on
@@ -87,8 +87,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
         return x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 });
     }
     let dtype = x.dtype();
-    // Normalise in at least f32 (f64 stays f64: gradient checks rely on it).
-    let xf = if dtype == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
+    let xf = x.to_dtype(at_least_f32(dtype))?;
     let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     xf.broadcast_mul(&r)?.to_dtype(dtype)?.broadcast_mul(w)
 }
@@ -431,11 +430,7 @@ impl CustomOp3 for TargetLogProbGrad {
 /// For logits [N, V] (any float dtype) and targets [N] (u32), the f32 (f64 for f64) log-probability of
 /// each target under the softmax of its row: [N].
 pub fn target_logprob(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
-    // Never below f32; f64 (used by gradient checks) stays f64.
-    let logits = match logits.dtype() {
-        DType::F64 => logits.clone(),
-        _ => logits.to_dtype(DType::F32)?,
-    };
+    let logits = logits.to_dtype(at_least_f32(logits.dtype()))?;
     if fast_path(&[&logits]) {
         return logits.contiguous()?.apply_op2(&targets.contiguous()?, TargetLogProb);
     }
@@ -447,10 +442,7 @@ pub fn target_logprob(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
 /// gradient `g` `[N]` of its output: `g_i * (onehot(t_i) - softmax(logits_i))`, in the
 /// logits' dtype (f32 at least).
 pub fn target_logprob_grad(logits: &Tensor, targets: &Tensor, g: &Tensor) -> CResult<Tensor> {
-    let logits = match logits.dtype() {
-        DType::F64 => logits.clone(),
-        _ => logits.to_dtype(DType::F32)?,
-    };
+    let logits = logits.to_dtype(at_least_f32(logits.dtype()))?;
     let g = g.to_dtype(logits.dtype())?;
     if fast_path(&[&logits, &g]) {
         return logits.contiguous()?.apply_op3(
@@ -478,7 +470,7 @@ pub fn is_tracked(t: &Tensor) -> bool {
 pub(crate) mod tests {
     use super::*;
     use crate::model::kernel::tests::{max_diff, randn};
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     /// Runs `f` through the fast custom op (f32 on CPU) and through the composite fallback
     /// (f64, which takes the other branch), comparing values and input gradients.
