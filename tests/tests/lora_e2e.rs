@@ -541,16 +541,19 @@ fn a_server_serves_base_plus_adapter_as_the_merged_model() {
 
     // dpo-eval --model BASE --adapter DIR evaluates what the merged checkpoint does.
     let mmlu = workspace_root().join("tests/fixtures/eval/mmlu");
-    let evaluate = |extra: &[&str], name: &str| -> Value {
-        let report = dir.path().join(name);
-        let out = Command::new(binary("dpo-eval"))
+    let run_eval = |extra: &[&str], report: &Path| -> Output {
+        Command::new(binary("dpo-eval"))
             .args(["mmlu", "--by-logprob", "--template", "raw", "--input"])
             .arg(&mmlu)
             .arg("--out")
-            .arg(&report)
+            .arg(report)
             .args(extra)
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    let evaluate = |extra: &[&str], name: &str| -> Value {
+        let report = dir.path().join(name);
+        let out = run_eval(extra, &report);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap()
     };
@@ -577,15 +580,20 @@ fn a_server_serves_base_plus_adapter_as_the_merged_model() {
     let wide = dir.path().join("wide");
     write_tiny_checkpoint(&wide, &TinySpec { hidden: 64, ..TinySpec::default() }, DType::F32, None)
         .unwrap();
-    let refused = Command::new(binary("ref-server"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--model"])
-        .arg(&wide)
-        .arg("--adapter")
-        .arg(&best)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "{err}");
+    // `ref-server serve --model BASE --adapter best/`, which must fail: its stderr.
+    let serving_refused = |base: &Path| -> String {
+        let out = Command::new(binary("ref-server"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--model"])
+            .arg(base)
+            .arg("--adapter")
+            .arg(&best)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{err}");
+        err
+    };
+    let err = serving_refused(&wide);
     assert!(err.contains("adapter") && err.contains(best.to_str().unwrap()), "{err}");
 
     // Nor on a base of the same shapes with other weights: the trainer recorded its base's
@@ -596,29 +604,14 @@ fn a_server_serves_base_plus_adapter_as_the_merged_model() {
     let other = dir.path().join("other");
     write_tiny_checkpoint(&other, &TinySpec { seed: 2, ..TinySpec::default() }, DType::F32, None)
         .unwrap();
-    let refused = Command::new(binary("ref-server"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--model"])
-        .arg(&other)
-        .arg("--adapter")
-        .arg(&best)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "{err}");
+    let err = serving_refused(&other);
     for wanted in [lora::ADAPTER_BASE, "trained on", model.to_str().unwrap()] {
         assert!(err.contains(wanted), "`{wanted}` not in:\n{err}");
     }
-    let refused = Command::new(binary("dpo-eval"))
-        .args(["mmlu", "--by-logprob", "--template", "raw", "--input"])
-        .arg(&mmlu)
-        .arg("--out")
-        .arg(dir.path().join("refused.json"))
-        .arg("--model")
-        .arg(&other)
-        .arg("--adapter")
-        .arg(&best)
-        .output()
-        .unwrap();
+    let refused = run_eval(
+        &["--model", other.to_str().unwrap(), "--adapter", best.to_str().unwrap()],
+        &dir.path().join("refused.json"),
+    );
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && err.contains(lora::ADAPTER_BASE), "{err}");
 }
